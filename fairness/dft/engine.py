@@ -1,0 +1,151 @@
+r"""Direct finetuning (DFT): sample with a diffusers scheduler and backpropagate through it.
+
+``StableDiffusionPipeline.__call__`` runs under ``no_grad``, so training has its own sampling
+loop over the same components. Modes:
+
+* ``adjusted`` (Shen et al. 2024, sec. 4.2): the U-Net sees ``z_t.detach()`` at every step
+  (:math:`B_t = I`), the scheduler update keeps the non-detached :math:`z_t`, and the gradient
+  reaching step t's noise prediction is multiplied by :math:`C_t = 1/A_t`,
+  :math:`A_t = \frac{1}{\sqrt{\bar\alpha_t}} \frac{\beta_t}{\sqrt{1-\bar\alpha_t}}`, with all
+  :math:`C_t` divided by their geometric mean.
+* ``naive``: the exact gradient through every U-Net call (explodes; kept for comparison).
+* ``none``: no gradient at all (originals, audits).
+
+Because the U-Net input is detached, step t contributes a single U-Net vector-Jacobian product,
+so gradient checkpointing each U-Net call keeps memory at one call's activations plus the
+latent trajectory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from diffusers import SchedulerMixin, StableDiffusionPipeline
+from torch.utils.checkpoint import checkpoint
+
+Mode = Literal["adjusted", "naive", "none"]
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Exact identity forward; gradient times ``weight`` backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        return grad * weight.to(grad.dtype), None
+
+
+def scale_grad(x: torch.Tensor, weight: torch.Tensor | float) -> torch.Tensor:
+    """Multiply the gradient flowing back through ``x`` by ``weight`` (broadcastable)."""
+    if not x.requires_grad:
+        return x
+    return _ScaleGrad.apply(x, torch.as_tensor(weight, device=x.device))
+
+
+def adjusted_coefficients(scheduler: SchedulerMixin, timesteps: torch.Tensor) -> torch.Tensor:
+    """Standardised :math:`C_t` for the given timesteps (float64, geometric mean 1)."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
+    betas = scheduler.betas.to(torch.float64)
+    t = timesteps.long().cpu()
+    a_bar, beta = alphas_cumprod[t], betas[t]
+    a_t = beta / (a_bar.sqrt() * (1 - a_bar).sqrt())
+    c_t = 1.0 / a_t
+    return c_t / c_t.log().mean().exp()
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 20
+    guidance_scale: float = 7.5
+    mode: Mode = "adjusted"
+    checkpoint_unet: bool = True
+    checkpoint_vae: bool = True
+
+
+def fresh_scheduler(pipe: StableDiffusionPipeline) -> SchedulerMixin:
+    """A new scheduler instance with the pipeline's config (multistep solvers keep state)."""
+    return type(pipe.scheduler).from_config(pipe.scheduler.config)
+
+
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder hidden states for ``prompts`` (differentiable: LoRA / soft tokens learn here)."""
+    tok = pipe.tokenizer(
+        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt",
+    )
+    device = pipe.text_encoder.device
+    return pipe.text_encoder(tok.input_ids.to(device))[0]
+
+
+def _unet_eps(pipe: StableDiffusionPipeline, z_in: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+              uncond: torch.Tensor | None, guidance: float) -> torch.Tensor:
+    """Classifier-free-guided noise prediction from one batched U-Net call."""
+    if uncond is None or guidance == 1.0:
+        return pipe.unet(z_in, t, encoder_hidden_states=cond).sample
+    both = pipe.unet(torch.cat([z_in, z_in]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+    eps_u, eps_c = both.chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
+def denoise(
+    pipe: StableDiffusionPipeline,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    config: SamplingConfig,
+) -> torch.Tensor:
+    """Run the sampler from ``latents`` (already scaled by ``init_noise_sigma``) to z_0."""
+    scheduler = fresh_scheduler(pipe)
+    scheduler.set_timesteps(config.num_steps, device=latents.device)
+    timesteps = scheduler.timesteps
+    coeffs = adjusted_coefficients(scheduler, timesteps) if config.mode == "adjusted" else None
+    z = latents
+    for i, t in enumerate(timesteps):
+        z_in = z.detach() if config.mode == "adjusted" else z
+        z_in = scheduler.scale_model_input(z_in, t)
+        if config.mode != "none" and config.checkpoint_unet:
+            eps = checkpoint(_unet_eps, pipe, z_in, t, cond, uncond, config.guidance_scale, use_reentrant=False)
+        else:
+            eps = _unet_eps(pipe, z_in, t, cond, uncond, config.guidance_scale)
+        if coeffs is not None:
+            eps = scale_grad(eps, coeffs[i].to(eps.dtype))
+        z = scheduler.step(eps, t, z, return_dict=True).prev_sample
+    return z
+
+
+def _decode(pipe: StableDiffusionPipeline, z0: torch.Tensor) -> torch.Tensor:
+    image = pipe.vae.decode(z0 / pipe.vae.config.scaling_factor).sample
+    return (image / 2 + 0.5).clamp(0, 1)
+
+
+def decode(pipe: StableDiffusionPipeline, z0: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
+    """VAE decode to images in [0, 1] (optionally checkpointed)."""
+    if use_checkpoint and z0.requires_grad:
+        return checkpoint(_decode, pipe, z0, use_reentrant=False)
+    return _decode(pipe, z0)
+
+
+def generate(
+    pipe: StableDiffusionPipeline,
+    prompts: list[str],
+    noise: torch.Tensor,
+    config: SamplingConfig,
+) -> torch.Tensor:
+    """Images ``(B, 3, H, W)`` in [0, 1] for ``prompts`` (one per noise) under ``config.mode``.
+
+    With ``mode="none"`` this is plain sampling and matches the stock pipeline's output for the
+    same latents, scheduler, guidance and steps.
+    """
+    grad = config.mode != "none"
+    with torch.set_grad_enabled(grad):
+        uncond = encode_prompts(pipe, [""] * len(prompts)) if config.guidance_scale != 1.0 else None
+        cond = encode_prompts(pipe, prompts)
+        latents = noise.to(device=pipe.unet.device, dtype=pipe.unet.dtype) * fresh_scheduler(pipe).init_noise_sigma
+        z0 = denoise(pipe, latents, cond.to(pipe.unet.dtype), None if uncond is None else uncond.to(pipe.unet.dtype), config)
+        return decode(pipe, z0, use_checkpoint=grad and config.checkpoint_vae).float()
