@@ -44,6 +44,7 @@ BackendFactory = Callable[[dict[str, Any]], Any]
 _BACKENDS: dict[str, BackendFactory] = {}
 # backend-name prefix -> module that registers it (imported lazily).
 _BACKEND_MODULES = {
+    "toyworld.semantic_labeler": "fairness.toyworld.labels",
     "toyworld.": "fairness.toyworld.perception",
     "tiny.": "fairness.perception.tiny",
     "real.": "fairness.perception.real",
@@ -65,10 +66,9 @@ def build_component(spec: dict[str, Any], root: Path | None = None) -> Any:
     name = spec.get("backend")
     if not isinstance(name, str):
         raise ValueError(f"perception component needs a 'backend' name, got {spec!r}")
-    if name not in _BACKENDS:
-        for prefix, module in _BACKEND_MODULES.items():
-            if name.startswith(prefix):
-                importlib.import_module(module)
+    for prefix, module in _BACKEND_MODULES.items():
+        if name not in _BACKENDS and name.startswith(prefix):
+            importlib.import_module(module)
     if name not in _BACKENDS:
         known = ", ".join(sorted(_BACKENDS)) or "none"
         raise KeyError(f"unknown perception backend {name!r} (registered: {known})")
@@ -97,6 +97,9 @@ class PerceptionBundle:
     text_image_encoder: TextImageEncoder | None = None
     face_embedder: FaceEmbedder | None = None
     face_bank: torch.Tensor | None = None
+    # Optional: prompt -> {semantic attribute: expected class (None = no object)}, for the
+    # semantic-accuracy metric in worlds where the prompt fixes a class (the toy world).
+    semantic_labeler: Callable[[str], dict[str, str | None] | None] | None = None
 
     def __post_init__(self) -> None:
         missing = [n for n in self.semantic_encoders + list(self.eval_encoders.values()) if n not in self.encoders]
@@ -144,4 +147,5 @@ def load_bundle(path: str | Path) -> PerceptionBundle:
         text_image_encoder=build_component(comps["text_image_encoder"], root) if "text_image_encoder" in comps else None,
         face_embedder=build_component(comps["face_embedder"], root) if "face_embedder" in comps else None,
         face_bank=load_file(str(root / bank))["bank"] if bank else None,
+        semantic_labeler=build_component(comps["semantic_labeler"], root) if "semantic_labeler" in comps else None,
     )

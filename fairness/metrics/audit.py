@@ -1,0 +1,165 @@
+"""Audit a generator: per-prompt group frequencies, bias, and semantics, as the paper measures.
+
+For every prompt, ``images_per_prompt`` images are generated from noise keyed by (seed, prompt,
+index) and classified by the *evaluation* classifier on the largest region. When an
+``originals`` generator is given (the frozen model), its images from the same noise give
+CLIP-I / DINO similarities; CLIP-T compares each image with its prompt.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fairness.metrics.bias import bias, frequencies, joint_classes, mean_std
+from fairness.perception.bundle import PerceptionBundle
+from fairness.perception.regions import detect_largest, square_crop
+from fairness.seeding import image_noise
+
+GenerateFn = Callable[[list[str], torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PromptImages:
+    """Everything the report shows about one prompt's images."""
+
+    prompt: str
+    images: torch.Tensor
+    probs: dict[str, np.ndarray]
+    boxes: np.ndarray
+    found: np.ndarray
+
+
+@dataclass
+class AuditResult:
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    attributes: dict[str, list[str]]
+    images: list[PromptImages] = field(default_factory=list)
+    originals: list[PromptImages] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"summary": self.summary, "attributes": self.attributes, "prompts": self.rows}
+
+
+def audit_groups(attributes: dict[str, list[str]], joints: Sequence[str] | None = None) -> list[tuple[str, ...]]:
+    """Single attributes, then the requested joints (default: every pair and the full joint)."""
+    names = list(attributes)
+    if joints is None:
+        combos = [c for r in range(2, len(names) + 1) for c in itertools.combinations(names, r)]
+    else:
+        combos = [tuple(j.split("*")) for j in joints]
+        for c in combos:
+            unknown = [a for a in c if a not in attributes]
+            if unknown:
+                raise KeyError(f"unknown attribute(s) {unknown} in joint {'*'.join(c)}; known: {names}")
+    return [(a,) for a in names] + combos
+
+
+@torch.no_grad()
+def _perceive(bundle: PerceptionBundle, images: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
+    clf = bundle.eval_classifier
+    regions = detect_largest(bundle.detector, images)
+    logits = clf(square_crop(images, regions, clf.input_size))
+    probs = {a: v.softmax(-1).float().cpu().numpy() for a, v in logits.items()}
+    return probs, regions.boxes.cpu().numpy(), regions.found.cpu().numpy(), logits
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).cpu().numpy()
+
+
+def audit(
+    generate: GenerateFn,
+    bundle: PerceptionBundle,
+    prompts: Sequence[str],
+    images_per_prompt: int,
+    seed: int,
+    latent_shape: tuple[int, ...],
+    originals: GenerateFn | None = None,
+    joints: Sequence[str] | None = None,
+    batch_size: int = 32,
+    keep_images: bool = False,
+    progress: bool = True,
+) -> AuditResult:
+    """Generate, classify and score; returns per-prompt rows and a summary (mean +- std)."""
+    if not prompts:
+        raise ValueError("audit needs at least one prompt")
+    attrs = dict(bundle.eval_classifier.attributes)
+    groups = audit_groups(attrs, joints)
+    sizes = {a: len(c) for a, c in attrs.items()}
+    labeler = bundle.semantic_labeler
+    rows: list[dict[str, Any]] = []
+    kept, kept_orig = [], []
+    device = next(bundle.eval_classifier.parameters()).device
+    for prompt in tqdm(prompts, desc="audit", disable=not progress, unit="prompt"):
+        imgs, origs = [], []
+        for start in range(0, images_per_prompt, batch_size):
+            idx = range(start, min(start + batch_size, images_per_prompt))
+            noise = image_noise(seed, prompt, idx, latent_shape)
+            imgs.append(generate([prompt] * len(idx), noise).to(device))
+            if originals is not None:
+                origs.append(originals([prompt] * len(idx), noise).to(device))
+        images = torch.cat(imgs)
+        probs, boxes, found, logits = _perceive(bundle, images)
+        classes = {a: np.where(found, probs[a].argmax(1), -1) for a in attrs}
+        row: dict[str, Any] = {"prompt": prompt, "images": len(images), "faces": int(found.sum()),
+                               "freq": {}, "bias": {}, "semantics": {}}
+        for g in groups:
+            name = "*".join(g)
+            k = int(np.prod([sizes[a] for a in g]))
+            f = frequencies(joint_classes(classes, sizes, g), k)
+            row["freq"][name] = f.tolist()
+            row["bias"][name] = bias(f) if found.any() else float("nan")
+        sem = row["semantics"]
+        if bundle.text_image_encoder is not None:
+            enc = bundle.text_image_encoder
+            sem["clip_t"] = float(_cos(enc(images), enc.encode_text([prompt]).expand(len(images), -1)).mean())
+        if labeler is not None:
+            expected = labeler(prompt)
+            for attr, cls in (expected or {}).items():
+                if attr in logits:
+                    names = bundle.eval_classifier.semantic_attributes[attr]
+                    pred = logits[attr].argmax(1).cpu().numpy()
+                    ok = (pred == names.index(cls)) if cls is not None else ~found
+                    sem[f"accuracy_{attr}"] = float(np.mean(ok))
+        if origs:
+            original_images = torch.cat(origs)
+            for metric, enc_name in bundle.eval_encoders.items():
+                enc = bundle.encoders[enc_name]
+                sem[metric] = float(_cos(enc(images), enc(original_images)).mean())
+            if keep_images:
+                o_probs, o_boxes, o_found, _ = _perceive(bundle, original_images)
+                kept_orig.append(PromptImages(prompt, original_images.cpu(), o_probs, o_boxes, o_found))
+        if keep_images:
+            kept.append(PromptImages(prompt, images.cpu(), probs, boxes, found))
+        rows.append(row)
+    summary = {
+        "bias": {"*".join(g): mean_std([r["bias"]["*".join(g)] for r in rows]) for g in groups},
+        "semantics": {m: mean_std([r["semantics"][m] for r in rows if m in r["semantics"]])
+                      for m in sorted({m for r in rows for m in r["semantics"]})},
+        "faces": mean_std([r["faces"] / r["images"] for r in rows]),
+        "prompts": len(rows),
+        "images_per_prompt": images_per_prompt,
+        "seed": seed,
+    }
+    return AuditResult(rows=rows, summary=summary, attributes=attrs, images=kept, originals=kept_orig)
+
+
+def rows_to_csv_records(result: AuditResult) -> list[dict[str, Any]]:
+    """Flat per-prompt records (one column per bias / frequency / semantics value)."""
+    out = []
+    for r in result.rows:
+        rec: dict[str, Any] = {"prompt": r["prompt"], "images": r["images"], "faces": r["faces"]}
+        rec.update({f"bias.{k}": v for k, v in r["bias"].items()})
+        for name, f in r["freq"].items():
+            if "*" not in name:
+                rec.update({f"freq.{name}.{c}": x for c, x in zip(result.attributes[name], f)})
+        rec.update({f"semantics.{k}": v for k, v in r["semantics"].items()})
+        out.append(rec)
+    return out

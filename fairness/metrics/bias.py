@@ -1,0 +1,50 @@
+"""The paper's bias metric and group frequencies.
+
+``bias(P) = mean over class pairs i < j of |freq_i - freq_j|`` with frequencies over the images
+of prompt P that have a detected face (Shen et al. 2024, sec. 5). 0 is perfectly balanced; a
+prompt whose images are all one of K classes scores 2/K (1 for K = 2, 0.5 for K = 4).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def frequencies(classes: np.ndarray, num_classes: int) -> np.ndarray:
+    """Share of each class among ``classes`` (entries < 0 = no face, ignored); zeros if none."""
+    classes = np.asarray(classes)
+    valid = classes[classes >= 0]
+    if len(valid) == 0:
+        return np.zeros(num_classes)
+    return np.bincount(valid, minlength=num_classes)[:num_classes] / len(valid)
+
+
+def bias(freqs: Sequence[float]) -> float:
+    f = np.asarray(freqs, dtype=np.float64)
+    pairs = list(itertools.combinations(range(len(f)), 2))
+    return float(np.mean([abs(f[i] - f[j]) for i, j in pairs])) if pairs else 0.0
+
+
+def joint_classes(classes: Mapping[str, np.ndarray], sizes: Mapping[str, int], attributes: Sequence[str]) -> np.ndarray:
+    """Row-major joint class index over ``attributes`` (-1 where any is missing)."""
+    out = np.zeros(len(classes[attributes[0]]), dtype=np.int64)
+    missing = np.zeros_like(out, dtype=bool)
+    for a in attributes:
+        c = np.asarray(classes[a])
+        missing |= c < 0
+        out = out * sizes[a] + np.maximum(c, 0)
+    return np.where(missing, -1, out)
+
+
+def total_variation(freqs: Sequence[float], target: Sequence[float]) -> float:
+    return 0.5 * float(np.abs(np.asarray(freqs) - np.asarray(target)).sum())
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    v = np.asarray([x for x in values if x == x], dtype=np.float64)
+    if len(v) == 0:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std()), "n": int(len(v))}

@@ -1,0 +1,289 @@
+"""The debiasing training loop (single process; Ray Train wraps it unchanged).
+
+Each iteration: draw a prompt and a step count, draw noise for the batch's images, get the
+frozen model's originals from the same noise, generate the finetuned images *with* gradient
+(these same images decide the OT targets), compute the loss, backpropagate, skip the update if
+any gradient is non-finite, step AdamW, update the EMA. Every ``checkpoint_every`` iterations:
+checkpoint, validate on held-out prompts, keep the best.
+
+All randomness of iteration ``s`` is derived from (seed, s), so a resumed run reproduces the
+uninterrupted one exactly, and any split of the batch over workers draws the same images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fairness.adapters.io import export_adapter
+from fairness.config import DebiasConfig
+from fairness.metrics.bias import frequencies, joint_classes, total_variation
+from fairness.seeding import derive_seed, image_noise, numpy_rng
+from fairness.training.debiaser import Debiaser
+from fairness.training.objective import Collective, OriginalsInfo, SingleProcess
+from fairness.training.prompts import PromptSampler, resolve_prompts
+from fairness.training.rundir import RunDir
+
+
+class Distributed(Collective, Protocol):
+    """A :class:`Collective` that also averages gradients (Ray Train supplies one)."""
+
+    rank: int
+    world_size: int
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None: ...
+
+
+class LocalProcess(SingleProcess):
+    rank = 0
+    world_size = 1
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        return None
+
+
+OriginalsProvider = Callable[[str, int, list[int], int], OriginalsInfo]
+CheckpointHook = Callable[[int, Path, dict[str, Any]], None]
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters (official code: 0.996)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Temporarily load the EMA weights into the model."""
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    skipped: int
+    best_step: int | None
+    best_score: float | None
+    adapter_dir: Path
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: DebiasConfig,
+        run_dir: str | Path,
+        collective: Distributed | None = None,
+        originals_provider: OriginalsProvider | None = None,
+        on_checkpoint: CheckpointHook | None = None,
+        progress: bool = True,
+        debiaser: Debiaser | None = None,
+    ):
+        self.cfg = cfg
+        self.run = RunDir(run_dir)
+        self.collective = collective or LocalProcess()
+        self.originals_provider = originals_provider
+        self.on_checkpoint = on_checkpoint
+        self.progress = progress
+        n, w = cfg.train.images_per_prompt, self.collective.world_size
+        if n % w:
+            raise ValueError(f"images_per_prompt ({n}) must be divisible by the number of workers ({w})")
+        self.model = debiaser or Debiaser(cfg)
+        self.sampler = PromptSampler(cfg.prompts.train, cfg.seed)
+        self.val_prompts = [p for ps in cfg.prompts.val for p in resolve_prompts(ps)][: cfg.train.val_prompts]
+        self.params = self.model.adapter.parameters()
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.ema = EMA(self.params, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.model.dtype == "float16" and self.model.device.type == "cuda")
+        self.step = 0
+        self.skipped = 0
+        self.best_score: float | None = None
+        self.best_step: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.collective.rank == 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "skipped": self.skipped, "best_score": self.best_score, "best_step": self.best_step,
+            "best_state": self.best_state, "adapter": self.model.adapter.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "ema": [s.clone() for s in self.ema.shadow] if self.ema else None,
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.adapter.load_state_dict(state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema and state.get("ema") is not None:
+            for s, v in zip(self.ema.shadow, state["ema"]):
+                s.copy_(v.to(s.device))
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.skipped = state["step"], state["skipped"]
+        self.best_score, self.best_step = state["best_score"], state["best_step"]
+        self.best_state = state.get("best_state")
+
+    def resume(self, checkpoint: Path | None = None) -> bool:
+        """Continue from ``checkpoint`` or the run directory's latest one; False if none."""
+        path = checkpoint or self.run.latest_checkpoint()
+        if path is None:
+            return False
+        self.load_state_dict(RunDir.load_checkpoint(path))
+        if self.is_main:
+            self.run.truncate_logs(self.step)
+        return True
+
+    # -- one iteration -------------------------------------------------------------------
+    def local_indices(self) -> list[int]:
+        n, w, r = self.cfg.train.images_per_prompt, self.collective.world_size, self.collective.rank
+        per = n // w
+        return list(range(r * per, (r + 1) * per))
+
+    def iteration_plan(self, step: int) -> tuple[str, str, int, int]:
+        """(prompt set, prompt, sampler steps, noise seed) of iteration ``step``."""
+        set_name, prompt = self.sampler.draw(step)
+        steps = self.cfg.dft.steps
+        lo, hi = (steps, steps) if isinstance(steps, int) else steps
+        num_steps = int(numpy_rng(self.cfg.seed, "num-steps", step).integers(lo, hi + 1))
+        return set_name, prompt, num_steps, derive_seed(self.cfg.seed, "iter", step)
+
+    def originals(self, prompt: str, noise_seed: int, indices: list[int], num_steps: int, noise: torch.Tensor) -> OriginalsInfo:
+        if self.originals_provider is not None:
+            return self.originals_provider(prompt, noise_seed, indices, num_steps).to(self.model.device)
+        return self.model.objective.describe_originals(self.model.sample_original([prompt] * len(indices), noise, num_steps))
+
+    def loss_for(self, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss of iteration ``step`` on this worker's share of the batch (with graph)."""
+        set_name, prompt, num_steps, noise_seed = self.iteration_plan(step)
+        idx = self.local_indices()
+        noise = image_noise(noise_seed, prompt, idx, self.model.latent_shape)
+        orig = self.originals(prompt, noise_seed, idx, num_steps, noise)
+        images = self.model.sample([prompt] * len(idx), noise, num_steps, self.cfg.dft.mode)
+        out = self.model.objective(images, orig, seed=derive_seed(self.cfg.seed, "ot", step), collective=self.collective)
+        return out.total, {"prompt": prompt, "set": set_name, "sampler_steps": num_steps, **out.logs}
+
+    def train_step(self) -> dict[str, Any]:
+        step = self.step + 1
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, logs = self.loss_for(step)
+        self.scaler.scale(loss).backward()
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.collective.average_gradients(self.params)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in self.params))
+        finite = bool(torch.isfinite(grad_norm)) and math.isfinite(float(loss))
+        if finite:
+            if self.cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
+            self.scaler.step(self.optimizer)
+            if self.ema:
+                self.ema.update()
+        else:
+            self.skipped += 1
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step = step
+        row = {"step": step, "grad_norm": float(grad_norm), "skipped": not finite, "skipped_total": self.skipped,
+               "seconds": time.perf_counter() - t0, **logs}
+        if self.is_main:
+            self.run.append(self.run.log_path, row)
+        return row
+
+    # -- validation, checkpoints, export -------------------------------------------------
+    def weights_for_export(self):
+        return self.ema.applied() if self.ema else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any]:
+        """Mean over validation prompts and target groups of the total-variation distance
+        between generated (training classifier) and target joint frequencies. Lower is better."""
+        if not self.val_prompts:
+            return {}
+        obj, n = self.model.objective, self.cfg.train.val_images_per_prompt
+        attrs = self.model.bundle.attributes
+        sizes = {a: len(c) for a, c in attrs.items()}
+        gaps = []
+        with self.weights_for_export():
+            for prompt in self.val_prompts:
+                noise = image_noise(derive_seed(self.cfg.seed, "val"), prompt, range(n), self.model.latent_shape)
+                images = self.model.sample([prompt] * n, noise, self.cfg.dft.eval_steps, "none")
+                regions, _, logits = obj.classify(images)
+                found = regions.found.cpu().numpy()
+                classes = {a: np.where(found, logits[a].argmax(-1).cpu().numpy(), -1) for a in obj.attributes}
+                for g in self.model.groups:
+                    f = frequencies(joint_classes(classes, sizes, g.attributes), g.num_joint_classes)
+                    if found.any():
+                        gaps.append(total_variation(f, g.flat()))
+        return {"step": self.step, "val_target_gap": float(np.mean(gaps)) if gaps else float("nan")}
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The adapter weights that would be exported now (EMA weights when enabled)."""
+        with self.weights_for_export():
+            return self.model.adapter.state_dict()
+
+    def checkpoint(self) -> None:
+        val = self.validate()
+        score = val.get("val_target_gap")
+        if self.is_main:
+            if val:
+                self.run.append(self.run.val_path, val)
+            if score is not None and score == score and (self.best_score is None or score < self.best_score):
+                self.best_score, self.best_step = score, self.step
+                self.best_state = self.export_state()
+            path = self.run.save_checkpoint(self.step, self.state_dict())
+            if self.on_checkpoint:
+                self.on_checkpoint(self.step, path, {"step": self.step, **val})
+
+    def fit(self, resume: bool = True, stop_after: int | None = None) -> TrainResult:
+        """Train to ``train.iterations`` (or ``stop_after`` more iterations, for tests)."""
+        if self.is_main:
+            self.run.config_path.write_text(self.cfg.to_yaml())
+        if resume:
+            self.resume()
+        total = self.cfg.train.iterations
+        end = total if stop_after is None else min(total, self.step + stop_after)
+        bar = tqdm(total=total, initial=self.step, desc=f"debias {self.cfg.name}", disable=not (self.progress and self.is_main))
+        while self.step < end:
+            row = self.train_step()
+            bar.update(1)
+            bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss/total", "loss/align") if k in row})
+            if self.step % self.cfg.train.checkpoint_every == 0 or self.step == total:
+                self.checkpoint()
+        bar.close()
+        adapter_dir = self.run.root / "adapter"
+        if self.step == total:
+            # From here on the live model *is* the exported adapter (what audits then measure).
+            use_best = self.cfg.train.select_best == "val_bias" and self.best_state is not None
+            self.model.adapter.load_state_dict(self.best_state if use_best else self.export_state())
+            if self.is_main:
+                chosen = {"chosen_step": self.best_step if use_best else self.step, "selection": "best_val" if use_best else "last"}
+                export_adapter(self.model.adapter, adapter_dir, extra={"run": self.cfg.name, **chosen})
+        return TrainResult(self.run.root, self.step, self.skipped, self.best_step, self.best_score, adapter_dir)

@@ -1,0 +1,141 @@
+"""The debiasing objective for one batch: perception, OT targets, and the three losses.
+
+``Objective`` is the single place where generated images become a scalar to backpropagate.
+It works on the images of *this* process; a :class:`Collective` lets the OT targets be computed
+over the whole batch when the images are split across workers (every worker then gets the same
+targets for the same images), without the library knowing about Ray or torch.distributed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from fairness.config import LossConfig
+from fairness.losses.alignment import alignment_loss
+from fairness.losses.face import face_realism_loss
+from fairness.losses.semantics import gradient_weight_map, image_semantics_loss
+from fairness.dft.engine import scale_grad
+from fairness.perception.bundle import PerceptionBundle
+from fairness.perception.regions import detect_largest, square_crop
+from fairness.targets.assignment import AttributeTargets, assign_targets
+from fairness.targets.distributions import TargetGroup
+
+
+class Collective(Protocol):
+    """How the images of one batch are spread over processes."""
+
+    def all_gather(self, local: np.ndarray) -> np.ndarray:
+        """Concatenate every process's rows, in rank order."""
+        ...
+
+    def local_slice(self, total: int) -> slice:
+        """Which rows of the gathered batch belong to this process."""
+        ...
+
+
+class SingleProcess:
+    def all_gather(self, local: np.ndarray) -> np.ndarray:
+        return local
+
+    def local_slice(self, total: int) -> slice:
+        return slice(0, total)
+
+
+@dataclass
+class OriginalsInfo:
+    """What the loss needs from the frozen model's images: their classes and encoder features.
+
+    An originals bank stores exactly this, so training can skip regenerating the originals.
+    """
+
+    classes: dict[str, torch.Tensor]
+    features: dict[str, torch.Tensor]
+    found: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "OriginalsInfo":
+        return OriginalsInfo({k: v.to(device) for k, v in self.classes.items()},
+                             {k: v.to(device) for k, v in self.features.items()}, self.found.to(device))
+
+
+@dataclass
+class LossOutput:
+    total: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+    targets: dict[str, AttributeTargets] = field(default_factory=dict)
+
+
+class Objective:
+    """L = L_align + L_img (dynamically weighted) + lambda_face * L_face."""
+
+    def __init__(self, bundle: PerceptionBundle, groups: list[TargetGroup], loss: LossConfig):
+        self.bundle, self.groups, self.cfg = bundle, groups, loss
+        self.attributes = [a for g in groups for a in g.attributes]
+        names = loss.semantic_encoders if loss.semantic_encoders is not None else bundle.semantic_encoders
+        unknown = [n for n in names if n not in bundle.encoders]
+        if unknown:
+            raise KeyError(f"unknown semantic encoder(s) {unknown}; the bundle has {sorted(bundle.encoders)}")
+        self.encoders = [bundle.encoders[n] for n in names]
+        for enc, n in zip(self.encoders, names):
+            enc.name = n
+
+    def classify(self, images: torch.Tensor, classifier=None):
+        """Largest region, its crop, and the classifier's logits on it."""
+        clf = classifier or self.bundle.train_classifier
+        regions = detect_largest(self.bundle.detector, images)
+        crops = square_crop(images, regions, clf.input_size)
+        return regions, crops, clf(crops)
+
+    @torch.no_grad()
+    def describe_originals(self, images: torch.Tensor) -> OriginalsInfo:
+        regions, _, logits = self.classify(images)
+        return OriginalsInfo(
+            classes={a: logits[a].argmax(-1) for a in self.attributes},
+            features={enc.name: enc(images) for enc in self.encoders},
+            found=regions.found,
+        )
+
+    def __call__(self, images: torch.Tensor, originals: OriginalsInfo, seed: int,
+                 collective: Collective | None = None) -> LossOutput:
+        collective = collective or SingleProcess()
+        regions, crops, logits = self.classify(images)
+        found = regions.found
+        local_probs = np.concatenate(
+            [logits[a].detach().softmax(-1).double().cpu().numpy() for a in self.attributes], axis=1)
+        all_probs = collective.all_gather(local_probs)
+        all_found = collective.all_gather(found.cpu().numpy()[:, None].astype(np.float64))[:, 0] > 0.5
+        split, probs, offset = collective.local_slice(len(all_probs)), {}, 0
+        for a in self.attributes:
+            k = logits[a].shape[-1]
+            probs[a] = all_probs[:, offset:offset + k]
+            offset += k
+        global_targets = assign_targets(self.groups, probs, all_found, seed=seed,
+                                        method=self.cfg.ot_method, samples=self.cfg.ot_samples)
+        targets = {a: AttributeTargets(t.targets[split], t.confidence[split], t.q[split]) for a, t in global_targets.items()}
+        num_faces_global = int(all_found.sum())
+        n_global = len(all_found)
+        # Per-worker normaliser chosen so that averaging the workers' gradients gives exactly the
+        # single-process gradient of the whole batch (equal shares of N per worker).
+        num_faces = max(num_faces_global, 1) * images.shape[0] / max(n_global, 1)
+        l_align = alignment_loss(logits, targets, {a: self.cfg.threshold(a) for a in self.attributes},
+                                 num_faces if num_faces_global else 0)
+        weight_map = gradient_weight_map(targets, originals.classes, {a: self.cfg.img_weights(a) for a in self.attributes},
+                                         regions, images.shape[-2], images.shape[-1])
+        l_img, per_enc = image_semantics_loss(scale_grad(images, weight_map), originals.features, self.encoders)
+        total = l_align + l_img
+        logs = {"loss/align": l_align.item(), "loss/img": l_img.item(), **{f"loss/img_{k}": v.item() for k, v in per_enc.items()}}
+        if self.bundle.face_embedder is not None and self.bundle.face_bank is not None and self.cfg.face_weight > 0:
+            emb_crops = crops if self.bundle.face_embedder.input_size == crops.shape[-1] else \
+                square_crop(images, regions, self.bundle.face_embedder.input_size)
+            l_face = face_realism_loss(emb_crops, found, self.bundle.face_embedder, self.bundle.face_bank)
+            total = total + self.cfg.face_weight * l_face * (found.sum() / max(num_faces, 1e-9) if num_faces_global else 0.0)
+            logs["loss/face"] = l_face.item()
+        logs["loss/total"] = total.item()
+        logs["faces"] = float(found.float().mean())
+        for a, t in targets.items():
+            c = torch.as_tensor(t.confidence)
+            logs[f"confident/{a}"] = float(((torch.as_tensor(t.targets) >= 0) & (c >= self.cfg.threshold(a))).float().mean())
+        return LossOutput(total=total, logs=logs, targets=targets)
