@@ -1,0 +1,116 @@
+"""Target distributions and OT target assignment (SPEC section 1)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from fairness.targets.assignment import assign_targets, binary_q, expected_assignment, num_count_vectors
+from fairness.targets.distributions import TargetError, TargetSpec
+
+KNOWN = {"gender": ["male", "female"], "race": ["w", "a", "b", "i"], "age": ["young", "old"]}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"marginals": {"gender": {"male": 0.7, "female": 0.7}}}, "sum to 1.4"),
+    ({"marginals": {"gender": {"male": -0.5, "female": 1.5}}}, "negative"),
+    ({"marginals": {"gender": {"male": float("nan"), "female": 1.0}}}, "not finite"),
+    ({"marginals": {"gender": {"male": float("inf"), "female": 1.0}}}, "not finite"),
+    ({"marginals": {"sex": "uniform"}}, "unknown attribute 'sex'"),
+    ({"marginals": {"gender": {"man": 1.0}}}, "unknown class"),
+    ({"marginals": {"gender": {}}}, "empty"),
+    ({}, "target is empty"),
+    ({"marginals": {"gender": "uniform"}, "joint": {"attributes": ["gender", "race"]}}, "both"),
+    ({"joint": {"attributes": ["gender"]}}, r"2\+ distinct"),
+    ({"conditional": [{"attribute": "age", "given": ["gender"], "probs": "uniform"}]}, "no target of its own"),
+    ({"colour": {}}, "unknown key"),
+])
+def test_invalid_targets_get_precise_errors(bad, message):
+    with pytest.raises(TargetError, match=message):
+        TargetSpec.from_dict(bad).compile(KNOWN)
+
+
+def test_per_attribute_targets_are_independent_groups():
+    groups = TargetSpec.from_dict({"marginals": {"gender": "uniform", "race": {"w": .4, "a": .2, "b": .2, "i": .2}}}).compile(KNOWN)
+    assert [g.name for g in groups] == ["gender", "race"]
+    np.testing.assert_allclose(groups[1].flat(), [.4, .2, .2, .2])
+
+
+def test_joint_and_conditional_target():
+    spec = {"joint": {"attributes": ["gender", "race"], "probs": "uniform"},
+            "conditional": [{"attribute": "age", "given": ["gender", "race"], "probs": {"young": .75, "old": .25}}]}
+    (g,) = TargetSpec.from_dict(spec).compile(KNOWN)
+    assert g.attributes == ("gender", "race", "age") and g.probs.shape == (2, 4, 2)
+    np.testing.assert_allclose(g.probs.sum(), 1.0)
+    # 25% old within every gender x race group.
+    np.testing.assert_allclose(g.probs[..., 1] / g.probs.sum(-1), 0.25)
+
+
+def test_conditional_per_group_distributions():
+    spec = {"marginals": {"gender": "uniform"},
+            "conditional": [{"attribute": "age", "given": ["gender"],
+                             "probs": {"male": {"young": .5, "old": .5}, "female": {"young": .9, "old": .1}}}]}
+    (g,) = TargetSpec.from_dict(spec).compile(KNOWN)
+    np.testing.assert_allclose(g.probs, [[.25, .25], [.45, .05]])
+
+
+def test_binary_closed_form_agrees_with_exact_and_monte_carlo():
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet([1, 1], size=24)
+    d = np.array([.3, .7])
+    qb = expected_assignment(p, d, method="binary")
+    qe = expected_assignment(p, d, method="exact", mass=0.99999)
+    qm = expected_assignment(p, d, method="monte_carlo", samples=20000, seed=1)
+    assert np.abs(qb - qe).max() < 1e-4
+    assert np.abs(qb - qm).max() < 0.02
+
+
+def test_edge_cases_single_image_identical_predictions_and_no_detection():
+    q = expected_assignment(np.array([[.3, .7]]), np.array([.5, .5]))
+    np.testing.assert_allclose(q, [[.5, .5]])
+    same = np.tile([[.25, .25, .25, .25]], (6, 1))
+    q = expected_assignment(same, np.full(4, .25))
+    np.testing.assert_allclose(q.sum(1), 1.0)
+    np.testing.assert_allclose(q.sum(0), 6 * np.full(4, .25), atol=0.15)
+    groups = TargetSpec.from_dict({"marginals": {"gender": "uniform"}}).compile(KNOWN)
+    probs = {"gender": np.array([[.9, .1], [.2, .8], [.5, .5]])}
+    t = assign_targets(groups, probs, valid=np.array([True, False, True]))["gender"]
+    assert t.targets[1] == -1 and t.confidence[1] == 0
+    t = assign_targets(groups, probs, valid=np.zeros(3, bool))["gender"]
+    assert (t.targets == -1).all()
+
+
+def test_sixteen_joint_classes_use_monte_carlo_and_are_deterministic():
+    spec = {"joint": {"attributes": ["gender", "race", "age"], "probs": "uniform"}}
+    groups = TargetSpec.from_dict(spec).compile(KNOWN)
+    assert groups[0].num_joint_classes == 16 and num_count_vectors(40, 16) > 10**6
+    rng = np.random.default_rng(3)
+    probs = {a: rng.dirichlet(np.ones(len(c)), size=40) for a, c in KNOWN.items()}
+    a = assign_targets(groups, probs, seed=7)
+    b = assign_targets(groups, probs, seed=7)
+    for attr in KNOWN:
+        np.testing.assert_array_equal(a[attr].q, b[attr].q)
+        np.testing.assert_allclose(a[attr].q.sum(1), 1.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(40, 120), d1=st.floats(0.1, 0.9), seed=st.integers(0, 10**6))
+def test_target_frequencies_match_distribution_as_n_grows(n, d1, seed):
+    p = np.random.default_rng(seed).dirichlet([1, 1], size=n)
+    q = binary_q(p[:, 1], d1)
+    # The expected share of class-1 targets equals d1 exactly; hard targets are within sampling error.
+    assert abs(q[:, 1].mean() - d1) < 1e-9
+    assert abs((q.argmax(1) == 1).mean() - d1) <= 2.5 / np.sqrt(n) + 1 / n
+
+
+@settings(max_examples=15, deadline=None)
+@given(counts=st.lists(st.integers(2, 8), min_size=3, max_size=4), seed=st.integers(0, 1000))
+def test_already_matching_one_hot_predictions_keep_their_classes(counts, seed):
+    k = len(counts)
+    labels = np.repeat(np.arange(k), counts)
+    np.random.default_rng(seed).shuffle(labels)
+    p = np.eye(k)[labels] * 0.98 + 0.02 / k
+    d = np.asarray(counts) / sum(counts)
+    q = expected_assignment(p, d, method="monte_carlo", samples=400, seed=seed)
+    assert (q.argmax(1) == labels).all()
