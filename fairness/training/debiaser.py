@@ -14,6 +14,7 @@ import torch
 from fairness.adapters.trainable import attach_adapter
 from fairness.config import DebiasConfig
 from fairness.dft.engine import generate
+from fairness.seeding import derive_seed
 from fairness.models.loading import load_perception, load_pipeline, resolve_device
 from fairness.targets.distributions import TargetSpec
 from fairness.training.objective import Objective
@@ -24,7 +25,11 @@ class Debiaser:
         self.cfg = cfg
         self.device = resolve_device(device or cfg.model.device)
         self.pipe = load_pipeline(cfg.model.path, cfg.model.dtype, str(self.device))
-        self.adapter = attach_adapter(self.pipe, cfg.adapter.spec())
+        # The adapter's random init (LoRA A matrices) is keyed by the run seed, not by whatever
+        # the global RNG holds, so every worker and every resumed process starts identical.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(cfg.seed, "adapter-init"))
+            self.adapter = attach_adapter(self.pipe, cfg.adapter.spec())
         self.bundle = load_perception(cfg.perception).to(self.device)
         self.groups = TargetSpec.from_dict(cfg.target).compile(self.bundle.attributes)
         self.objective = Objective(self.bundle, self.groups, cfg.loss)

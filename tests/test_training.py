@@ -1,0 +1,99 @@
+"""The training loop: checkpoints, exact resume, non-finite skips, no-face batches, EMA, best."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fairness.training.loop import Trainer
+from tests.helpers import tiny_config
+
+
+def _adapter_state(trainer):
+    return {k: v.clone() for k, v in trainer.model.adapter.state_dict().items()}
+
+
+def test_run_directory_layout_and_exported_adapter(tmp_path):
+    cfg = tiny_config(tmp_path)
+    result = Trainer(cfg, tmp_path / "run", progress=False).fit()
+    run = tmp_path / "run"
+    assert result.steps == 4 and result.best_step in (2, 4)
+    assert (run / "config.yaml").exists() and (run / "adapter" / "pytorch_lora_weights.safetensors").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("loss/total", "loss/align", "loss/img", "loss/face", "grad_norm"):
+        assert all(key in r for r in rows)
+    assert len((run / "val.jsonl").read_text().splitlines()) == 2
+
+
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
+    cfg = tiny_config(tmp_path, train__ema_decay=0.9)
+    full = Trainer(cfg, tmp_path / "full", progress=False)
+    full.fit()
+    part = Trainer(cfg, tmp_path / "part", progress=False)
+    part.fit(stop_after=2)  # "killed" after the step-2 checkpoint
+    resumed = Trainer(cfg, tmp_path / "part", progress=False)
+    assert resumed.resume() and resumed.step == 2
+    resumed.fit()
+    a, b = _adapter_state(full), _adapter_state(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    la = (tmp_path / "full" / "log.jsonl").read_text().splitlines()
+    lb = (tmp_path / "part" / "log.jsonl").read_text().splitlines()
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k != "seconds"} for r in rows]
+    assert strip(la) == strip(lb)
+
+
+def test_non_finite_gradients_are_skipped_and_counted(tmp_path):
+    cfg = tiny_config(tmp_path, train__iterations=3, train__checkpoint_every=3)
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    before = _adapter_state(trainer)
+    original = trainer.loss_for
+
+    def poisoned(step):
+        loss, logs = original(step)
+        return loss * float("nan") if step == 2 else loss, logs
+
+    trainer.loss_for = poisoned
+    trainer.train_step()
+    after_one = _adapter_state(trainer)
+    trainer.train_step()
+    assert trainer.skipped == 1
+    for k in after_one:  # the poisoned step changed nothing
+        torch.testing.assert_close(_adapter_state(trainer)[k], after_one[k])
+    trainer.train_step()
+    assert trainer.step == 3 and trainer.skipped == 1
+    assert any((before[k] - v).abs().max() > 0 for k, v in _adapter_state(trainer).items())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [False, True, False]
+
+
+def test_batches_without_any_face_only_get_the_semantics_loss(tmp_path):
+    cfg = tiny_config(tmp_path, detector_threshold=1e9, train__iterations=1)
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    row = trainer.train_step()
+    assert row["faces"] == 0 and row["loss/align"] == 0
+    assert row["loss/total"] == pytest.approx(row["loss/img"])
+
+
+def test_joint_and_conditional_targets_train(tmp_path):
+    cfg = tiny_config(tmp_path, target={"joint": {"attributes": ["gender", "race"], "probs": "uniform"}},
+                      loss__confidence_threshold={"gender": 0.6, "race": 0.3}, train__iterations=2)
+    row = Trainer(cfg, tmp_path / "run", progress=False).train_step()
+    assert row["loss/align"] >= 0 and "confident/race" in row
+
+
+def test_loss_falls_on_a_fixed_batch(tmp_path):
+    cfg = tiny_config(tmp_path, prompts={"train": [{"prompts": ["a photo of the doctor"]}]},
+                      train__iterations=8, train__lr=0.02, train__ema_decay=None, train__checkpoint_every=8,
+                      dft__steps=3, adapter__rank=8)
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    with torch.no_grad():
+        first, _ = trainer.loss_for(1)
+    trainer.fit()
+    with torch.no_grad():
+        last, _ = trainer.loss_for(1)
+    assert float(last) < float(first)
