@@ -1,0 +1,38 @@
+# The two commands of the README:  `make demo`  and  `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= pipelines/configs/toyworld/main.yaml
+RUN ?= runs/main
+PYTEST_ARGS ?= -m "not slow"
+
+.PHONY: setup demo test test-all bench toyworld clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU torch first (a local wheel here; on a GPU box install the CUDA build instead, see README).
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[ray,test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/fairness job --config $(CONFIG) --run-dir $(RUN)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all: PYTEST_ARGS=
+test-all: test
+
+bench: setup
+	$(BIN)/python -m fairness.bench --out bench/results
+
+toyworld: setup
+	$(BIN)/fairness toyworld build
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,63 @@
+"""Config schema validation and the bias metric."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from fairness.config import ConfigError, load_config
+from fairness.metrics.bias import bias, frequencies, joint_classes, mean_std
+
+BASE = {"prompts": {"train": [{"prompts": ["a photo of the doctor"]}]}, "target": {"marginals": {"gender": "uniform"}}}
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_valid_config_round_trips_and_overrides(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE), {"train.iterations": 7, "adapter.kind": "soft_tokens"})
+    assert cfg.train.iterations == 7 and cfg.adapter.kind == "soft_tokens"
+    again = load_config(_write(tmp_path, yaml.safe_load(cfg.to_yaml())))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"trian": {}}, "trian: Extra inputs are not permitted"),
+    ({"train": {"iterations": 0}}, "train.iterations"),
+    ({"loss": {"confidence_threshold": 1.5}}, "confidence threshold must lie in"),
+    ({"dft": {"steps": [5, 3]}}, "min <= max"),
+    ({"prompts": {"train": [{"prompts": []}]}}, "prompt list is empty"),
+    ({"prompts": {"train": [{"prompts": ["x"], "file": "y.txt"}]}}, "exactly one of"),
+    ({"adapter": {"kind": "dora"}}, "adapter.kind"),
+])
+def test_invalid_configs_name_the_field(tmp_path, patch, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, {**BASE, **patch}))
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_bias_metric_matches_paper_definition():
+    assert bias([0.5, 0.5]) == 0
+    assert bias([1.0, 0.0]) == 1
+    assert bias([1, 0, 0, 0]) == pytest.approx(0.5)
+    assert bias([0.4, 0.3, 0.2, 0.1]) == pytest.approx((0.1 + 0.2 + 0.3 + 0.1 + 0.2 + 0.1) / 6)
+    np.testing.assert_allclose(frequencies(np.array([0, 1, 1, -1]), 2), [1 / 3, 2 / 3])
+    assert frequencies(np.array([-1, -1]), 3).sum() == 0
+
+
+def test_joint_classes_row_major_and_missing():
+    j = joint_classes({"g": np.array([0, 1, 1, -1]), "r": np.array([3, 0, 2, 1])}, {"g": 2, "r": 4}, ["g", "r"])
+    np.testing.assert_array_equal(j, [3, 4, 6, -1])
+    assert mean_std([1.0, 3.0, float("nan")]) == {"mean": 2.0, "std": 1.0, "n": 2}
