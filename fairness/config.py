@@ -36,6 +36,8 @@ class PromptSet(Strict):
     file: str | None = None
     toyworld: dict[str, str] | None = None
     weight: float = Field(1.0, gt=0)
+    limit: int | None = Field(None, ge=1, description="keep a seeded random subset of this many prompts")
+    limit_seed: int = 0
 
     @model_validator(mode="after")
     def _one_source(self) -> "PromptSet":

@@ -30,6 +30,9 @@ def resolve_prompts(ps: PromptSet) -> list[str]:
             out = [p for p in out if (c := world.parse_prompt(p)[0]) is not None and c.family == family]
     if not out:
         raise ValueError(f"prompt set {ps.name!r} has no prompts")
+    if ps.limit is not None and ps.limit < len(out):
+        keep = np.sort(numpy_rng(ps.limit_seed, "prompt-subset", ps.name).permutation(len(out))[: ps.limit])
+        out = [out[i] for i in keep]
     empty = [i for i, p in enumerate(out) if not p.strip()]
     if empty:
         raise ValueError(f"prompt set {ps.name!r}: empty prompt(s) at row(s) {empty[:10]}")
