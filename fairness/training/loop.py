@@ -51,7 +51,9 @@ class LocalProcess(SingleProcess):
 
 
 OriginalsProvider = Callable[[str, int, list[int], int], OriginalsInfo]
-CheckpointHook = Callable[[int, Path, dict[str, Any]], None]
+# Called on every worker at each checkpoint: (step, checkpoint folder on the main worker else
+# None, metrics). Ray Train's ``report`` must be called by all workers, hence on all of them.
+CheckpointHook = Callable[[int, Path | None, dict[str, Any]], None]
 
 
 class EMA:
@@ -199,7 +201,7 @@ class Trainer:
         self.collective.average_gradients(self.params)
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in self.params))
-        finite = bool(torch.isfinite(grad_norm)) and math.isfinite(float(loss))
+        finite = bool(torch.isfinite(grad_norm)) and math.isfinite(loss.item())
         if finite:
             if self.cfg.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
@@ -252,15 +254,15 @@ class Trainer:
     def checkpoint(self) -> None:
         val = self.validate()
         score = val.get("val_target_gap")
-        if self.is_main:
-            if val:
-                self.run.append(self.run.val_path, val)
-            if score is not None and score == score and (self.best_score is None or score < self.best_score):
-                self.best_score, self.best_step = score, self.step
-                self.best_state = self.export_state()
-            path = self.run.save_checkpoint(self.step, self.state_dict())
-            if self.on_checkpoint:
-                self.on_checkpoint(self.step, path, {"step": self.step, **val})
+        if self.is_main and val:
+            self.run.append(self.run.val_path, val)
+        # Every worker validates the same images, so all keep the same best state.
+        if score is not None and score == score and (self.best_score is None or score < self.best_score):
+            self.best_score, self.best_step = score, self.step
+            self.best_state = self.export_state()
+        path = self.run.save_checkpoint(self.step, self.state_dict()) if self.is_main else None
+        if self.on_checkpoint:
+            self.on_checkpoint(self.step, path, {"step": self.step, **val})
 
     def fit(self, resume: bool = True, stop_after: int | None = None) -> TrainResult:
         """Train to ``train.iterations`` (or ``stop_after`` more iterations, for tests)."""
