@@ -135,6 +135,7 @@ class TrainConfig(Strict):
     val_images_per_prompt: int = Field(16, ge=1)
     val_prompts: int | None = Field(None, ge=1, description="cap on validation prompts per check")
     select_best: Literal["val_bias", "last"] = "val_bias"
+    originals_bank: str | None = Field(None, description="parquet folder from `fairness bank` (skips regenerating originals)")
 
 
 class DebiasConfig(Strict):

@@ -28,6 +28,7 @@ from fairness.config import DebiasConfig
 from fairness.metrics.bias import frequencies, joint_classes, total_variation
 from fairness.seeding import derive_seed, image_noise, numpy_rng
 from fairness.training.debiaser import Debiaser
+from fairness.training.bank import OriginalsBank
 from fairness.training.objective import Collective, OriginalsInfo, SingleProcess
 from fairness.training.prompts import PromptSampler, resolve_prompts
 from fairness.training.rundir import RunDir
@@ -50,7 +51,6 @@ class LocalProcess(SingleProcess):
         return None
 
 
-OriginalsProvider = Callable[[str, int, list[int], int], OriginalsInfo]
 # Called on every worker at each checkpoint: (step, checkpoint folder on the main worker else
 # None, metrics). Ray Train's ``report`` must be called by all workers, hence on all of them.
 CheckpointHook = Callable[[int, Path | None, dict[str, Any]], None]
@@ -99,7 +99,7 @@ class Trainer:
         cfg: DebiasConfig,
         run_dir: str | Path,
         collective: Distributed | None = None,
-        originals_provider: OriginalsProvider | None = None,
+        bank: OriginalsBank | None = None,
         on_checkpoint: CheckpointHook | None = None,
         progress: bool = True,
         debiaser: Debiaser | None = None,
@@ -107,7 +107,7 @@ class Trainer:
         self.cfg = cfg
         self.run = RunDir(run_dir)
         self.collective = collective or LocalProcess()
-        self.originals_provider = originals_provider
+        self.bank = bank or (OriginalsBank(cfg.train.originals_bank) if cfg.train.originals_bank else None)
         self.on_checkpoint = on_checkpoint
         self.progress = progress
         n, w = cfg.train.images_per_prompt, self.collective.world_size
@@ -175,8 +175,8 @@ class Trainer:
         return set_name, prompt, num_steps, derive_seed(self.cfg.seed, "iter", step)
 
     def originals(self, prompt: str, noise_seed: int, indices: list[int], num_steps: int, noise: torch.Tensor) -> OriginalsInfo:
-        if self.originals_provider is not None:
-            return self.originals_provider(prompt, noise_seed, indices, num_steps).to(self.model.device)
+        if self.bank is not None and self.bank.has(prompt, noise_seed, indices, num_steps):
+            return self.bank.lookup(prompt, noise_seed, indices, num_steps).to(self.model.device)
         return self.model.objective.describe_originals(self.model.sample_original([prompt] * len(indices), noise, num_steps))
 
     def loss_for(self, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
