@@ -225,18 +225,21 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
-        """Mean over validation prompts and target groups of the total-variation distance
-        between generated (training classifier) and target joint frequencies. Lower is better."""
+        """Validation on held-out prompts with the *training* perception (the evaluation
+        classifier stays unseen): ``val_target_gap`` is the mean over prompts and target groups
+        of the total-variation distance between generated and target joint frequencies (lower
+        is better); ``val_semantic_sim`` the mean cosine similarity, under the semantic
+        encoders, between debiased and original images from the same noise."""
         if not self.val_prompts:
             return {}
         obj, n = self.model.objective, self.cfg.train.val_images_per_prompt
-        attrs = self.model.bundle.attributes
-        sizes = {a: len(c) for a, c in attrs.items()}
-        gaps = []
+        sizes = {a: len(c) for a, c in self.model.bundle.attributes.items()}
+        gaps, sims = [], []
         with self.weights_for_export():
             for prompt in self.val_prompts:
                 noise = image_noise(derive_seed(self.cfg.seed, "val"), prompt, range(n), self.model.latent_shape)
                 images = self.model.sample([prompt] * n, noise, self.cfg.dft.eval_steps, "none")
+                originals = self.model.sample_original([prompt] * n, noise, self.cfg.dft.eval_steps)
                 regions, _, logits = obj.classify(images)
                 found = regions.found.cpu().numpy()
                 classes = {a: np.where(found, logits[a].argmax(-1).cpu().numpy(), -1) for a in obj.attributes}
@@ -244,7 +247,10 @@ class Trainer:
                     f = frequencies(joint_classes(classes, sizes, g.attributes), g.num_joint_classes)
                     if found.any():
                         gaps.append(total_variation(f, g.flat()))
-        return {"step": self.step, "val_target_gap": float(np.mean(gaps)) if gaps else float("nan")}
+                for enc in obj.encoders:
+                    sims.append(float(torch.nn.functional.cosine_similarity(enc(images), enc(originals), dim=-1).mean()))
+        return {"step": self.step, "val_target_gap": float(np.mean(gaps)) if gaps else float("nan"),
+                "val_semantic_sim": float(np.mean(sims)) if sims else float("nan")}
 
     def export_state(self) -> dict[str, torch.Tensor]:
         """The adapter weights that would be exported now (EMA weights when enabled)."""

@@ -1,0 +1,151 @@
+"""Ray Tune: search the loss weights, the confidence threshold C and the learning rate.
+
+Objective (minimised), measured on validation prompts with the *training* perception bundle::
+
+    objective = val_target_gap + penalty * max(0, semantic_floor - val_semantic_sim)
+
+``val_target_gap`` is the total-variation distance between generated and target frequencies
+and ``val_semantic_sim`` the semantic encoders' similarity to the original images (see
+``Trainer.validate``): lowest bias among configs that keep the images, with a soft floor.
+ASHA stops weak trials at checkpoints. The results table (CSV) and the best config (YAML, a
+complete debias config) land in the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from fairness.config import DebiasConfig, load_config
+
+
+class TuneSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base: str = Field(description="debias config the trials start from")
+    num_samples: int = Field(8, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    iterations: int = Field(60, ge=1, description="training iterations per trial")
+    checkpoint_every: int = Field(20, ge=1, description="report (and ASHA rung) interval")
+    grace_period: int = Field(1, ge=1, description="reports before ASHA may stop a trial")
+    reduction_factor: float = Field(2, gt=1)
+    semantic_floor: float = 0.9
+    penalty: float = 2.0
+    cpus_per_trial: float = Field(1, gt=0)
+    gpus_per_trial: float = Field(0, ge=0)
+    seed: int = 0
+    search: dict[str, dict[str, list[float]]] = Field(
+        description="dotted config key -> {uniform|loguniform|choice: [...]}")
+
+
+def objective(gap: float, sim: float, floor: float, penalty: float) -> float:
+    return gap + penalty * max(0.0, floor - sim)
+
+
+def _space(search: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    from ray import tune
+
+    kinds = {"uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a), "choice": tune.choice}
+    space = {}
+    for key, spec in search.items():
+        (kind, args), = spec.items()
+        if kind not in kinds:
+            raise ValueError(f"search.{key}: unknown distribution {kind!r} (use {sorted(kinds)})")
+        space[key] = kinds[kind](args)
+    return space
+
+
+def apply_overrides(base: dict[str, Any], params: dict[str, Any]) -> DebiasConfig:
+    data = yaml.safe_load(yaml.safe_dump(base))
+    for dotted, value in params.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+    return DebiasConfig.model_validate(data)
+
+
+def _trial(params: dict[str, Any]) -> None:
+    from ray import tune
+
+    from fairness.training.loop import Trainer
+
+    settings = params.pop("__settings")
+    cfg = apply_overrides(params.pop("__base"), params)
+    trial_dir = Path(tune.get_context().get_trial_dir() or ".") / "run"
+
+    def report(step: int, path: Path | None, metrics: dict[str, Any]) -> None:
+        gap, sim = metrics.get("val_target_gap", float("nan")), metrics.get("val_semantic_sim", float("nan"))
+        tune.report({"step": step, "val_target_gap": gap, "val_semantic_sim": sim,
+                     "objective": objective(gap, sim, settings["semantic_floor"], settings["penalty"])})
+
+    Trainer(cfg, trial_dir, on_checkpoint=report, progress=False).fit()
+
+
+def run_tune(settings: TuneSettings, run_dir: str | Path) -> dict[str, Any]:
+    """Run the search; writes ``results.csv`` and ``best_config.yaml`` into ``run_dir``."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    run = Path(run_dir).resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    base_cfg = load_config(settings.base, {"train.iterations": settings.iterations,
+                                           "train.checkpoint_every": settings.checkpoint_every})
+    base = base_cfg.model_dump(mode="json")
+    for key in settings.search:  # fail before starting Ray on a typo'd key
+        apply_overrides(base, {key: next(iter(settings.search[key].values()))[0]})
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    space = {**_space(settings.search), "__base": base, "__settings": settings.model_dump()}
+    trainable = tune.with_resources(_trial, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
+    tuner = tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(
+            metric="objective", mode="min", num_samples=settings.num_samples,
+            max_concurrent_trials=settings.max_concurrent,
+            scheduler=ASHAScheduler(max_t=max(1, settings.iterations // settings.checkpoint_every),
+                                    grace_period=settings.grace_period, reduction_factor=settings.reduction_factor),
+            search_alg=tune.search.BasicVariantGenerator(random_state=settings.seed),
+        ),
+        run_config=tune.RunConfig(name=f"tune-{uuid.uuid4().hex[:8]}", storage_path=str(run / "ray")),
+    )
+    grid = tuner.fit()
+    rows = []
+    for res in grid:
+        if res.metrics is None:
+            continue
+        params = {k: v for k, v in res.config.items() if not k.startswith("__")}
+        rows.append({**params, **{k: res.metrics.get(k) for k in ("objective", "val_target_gap", "val_semantic_sim", "step")}})
+    if not rows:
+        raise RuntimeError("no Tune trial reported a result")
+    rows.sort(key=lambda r: r["objective"])
+    with (run / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    best_params = {k: v for k, v in rows[0].items() if k in settings.search}
+    best_cfg = apply_overrides(load_config(settings.base).model_dump(mode="json"), best_params)
+    best_cfg = best_cfg.model_copy(update={"name": f"{best_cfg.name}-tuned"})
+    (run / "best_config.yaml").write_text(best_cfg.to_yaml())
+    return {"best": rows[0], "trials": len(rows), "results": str(run / "results.csv"),
+            "best_config": str(run / "best_config.yaml")}
+
+
+def main(argv: list[str], prog: str = "fairness tune") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Search loss weights, C and lr with Ray Tune (ASHA).")
+    parser.add_argument("--config", required=True, help="tune YAML (see pipelines/configs/toyworld/tune.yaml)")
+    parser.add_argument("--run-dir", default=None)
+    args = parser.parse_args(argv)
+    data = yaml.safe_load(Path(args.config).read_text())
+    settings = TuneSettings.model_validate(data)
+    out = run_tune(settings, args.run_dir or Path("runs") / f"tune-{Path(args.config).stem}")
+    print(yaml.safe_dump(out, sort_keys=False))
+    return 0

@@ -1,0 +1,42 @@
+"""Ray Tune over the loss weights, C and lr (tiny budget)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import yaml
+
+from fairness.config import load_config
+from pipelines.tune import TuneSettings, objective, run_tune
+from tests.helpers import tiny_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
+
+
+def test_objective_penalises_semantic_loss_only_below_floor():
+    assert objective(0.2, 0.95, 0.9, 2.0) == pytest.approx(0.2)
+    assert objective(0.2, 0.8, 0.9, 2.0) == pytest.approx(0.4)
+
+
+def test_tune_writes_results_and_a_loadable_best_config(tmp_path, ray_session):
+    base = tmp_path / "base.yaml"
+    base.write_text(tiny_config(tmp_path).to_yaml())
+    settings = TuneSettings(base=str(base), num_samples=3, max_concurrent=2, iterations=2, checkpoint_every=1,
+                            search={"train.lr": {"loguniform": [1e-4, 1e-2]}, "loss.img.lambda1": {"uniform": [1, 10]},
+                                    "loss.confidence_threshold": {"uniform": [0.5, 0.9]}})
+    out = run_tune(settings, tmp_path / "tune")
+    rows = list(csv.DictReader(open(out["results"])))
+    assert len(rows) == 3 and {"objective", "train.lr", "loss.img.lambda1"} <= set(rows[0])
+    assert float(rows[0]["objective"]) <= min(float(r["objective"]) for r in rows)
+    best = load_config(out["best_config"])
+    assert best.train.lr == pytest.approx(float(rows[0]["train.lr"]))
+    assert best.train.iterations == tiny_config(tmp_path).train.iterations  # the base budget, not the trial's
+
+
+def test_unknown_search_key_fails_before_ray_starts(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(tiny_config(tmp_path).to_yaml())
+    settings = TuneSettings(base=str(base), search={"loss.lamda": {"uniform": [0, 1]}})
+    with pytest.raises(Exception, match="lamda"):
+        run_tune(settings, tmp_path / "tune")
