@@ -1,8 +1,8 @@
 """A real ``CLIPTokenizer`` over a small, closed vocabulary.
 
 Stable Diffusion's tokenizer is byte-level BPE over 49k tokens; a world with a few hundred
-words needs the same class with a vocabulary of its own. Every word becomes one token (a chain
-of BPE merges builds it from characters) and any other word still tokenizes, character by
+words needs the same class with a vocabulary of its own. Every word becomes one token (BPE merges
+learned on the word list build it from characters) and any other word still tokenizes, character by
 character, so nothing a user types is rejected.
 """
 
@@ -17,14 +17,36 @@ from transformers import CLIPTokenizer
 SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
 
 
-def _word_merges(word: str) -> list[tuple[str, str]]:
-    """Left-to-right merges that assemble ``word</w>`` from its characters."""
-    pieces = list(word[:-1]) + [word[-1] + "</w>"]
-    merges, left = [], pieces[0]
-    for right in pieces[1:]:
-        merges.append((left, right))
-        left = left + right
-    return merges
+def learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges learned on ``words`` until each word is a single token.
+
+    This is BPE training proper (most frequent adjacent pair first, ties broken
+    lexicographically for determinism), so applying the merges by rank, as the tokenizer does,
+    rebuilds every word whole; hand-made per-word merge chains would interfere across words.
+    """
+    seqs = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in sorted(set(words)) if len(w) > 1]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for seq in seqs:
+            for pair in zip(seq, seq[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pr: (-counts[pr], pr))
+        merges.append(best)
+        merged = []
+        for seq in seqs:
+            out, i = [], 0
+            while i < len(seq):
+                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == best:
+                    out.append(seq[i] + seq[i + 1])
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            merged.append(tuple(out))
+        seqs = [s for s in merged if len(s) > 1]
 
 
 def build_clip_tokenizer(words: list[str], save_dir: str | Path, model_max_length: int = 24) -> CLIPTokenizer:
@@ -36,16 +58,9 @@ def build_clip_tokenizer(words: list[str], save_dir: str | Path, model_max_lengt
     vocab: dict[str, int] = {}
     for tok in chars + [c + "</w>" for c in chars]:
         vocab.setdefault(tok, len(vocab))
-    merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
-    for word in sorted(set(w.lower() for w in words)):
-        if len(word) < 2:
-            continue
-        for left, right in _word_merges(word):
-            if (left, right) not in seen:
-                seen.add((left, right))
-                merges.append((left, right))
-                vocab.setdefault(left + right, len(vocab))
+    merges = learn_merges([w.lower() for w in words])
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
     for tok in SPECIAL:
         vocab.setdefault(tok, len(vocab))
     out = Path(save_dir)
