@@ -1,0 +1,88 @@
+"""The main job's report: figures and tables from the before/after audits and the training log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from fairness.config import DebiasConfig
+from fairness.metrics.audit import AuditResult, PromptImages
+from fairness.report.grids import before_after_grid
+from fairness.report.html import Section, format_text_table, paper_table, write_report
+from fairness.report.plots import plot_bias_summary, plot_group_frequencies, plot_loss_curves
+from fairness.targets.distributions import TargetGroup
+from fairness.training.rundir import RunDir
+
+
+def _grid_kwargs(p: PromptImages, classes: dict[str, list[str]]) -> dict[str, Any]:
+    return {"images": p.images, "probs": {a: p.probs[a] for a in classes}, "classes": classes, "boxes": p.boxes,
+            "found": p.found, "labels": [str(i) for i in range(len(p.images))]}
+
+
+def _targets(groups: list[TargetGroup]) -> dict[str, dict[str, float]]:
+    """Per targeted attribute, its target marginal ``{class: p}``."""
+    out = {}
+    for g in groups:
+        for attr, classes in zip(g.attributes, g.classes):
+            out[attr] = dict(zip(classes, g.marginal(attr).tolist()))
+    return out
+
+
+def _summary_tables(before: Mapping[str, AuditResult], after: Mapping[str, AuditResult]):
+    tables = []
+    for name, res in after.items():
+        attrs = list(res.summary["bias"])
+        sem = list(res.summary["semantics"])
+        table = paper_table(before[name].summary, res.summary, attrs, sem)
+        table.caption = f"{name}: bias (mean ± std over prompts, lower is better) and semantics"
+        tables.append(table)
+    return tables
+
+
+def paper_table_text(before: Mapping[str, AuditResult], after: Mapping[str, AuditResult]) -> str:
+    """The paper-style tables, one per evaluated prompt set, as aligned text."""
+    return "\n\n".join(format_text_table(t) for t in _summary_tables(before, after))
+
+
+def write_job_report(run_dir: Path, cfg: DebiasConfig, groups: list[TargetGroup],
+                     before: Mapping[str, AuditResult], after: Mapping[str, AuditResult]) -> Path:
+    run = RunDir(run_dir)
+    figs = run.root / "figures"
+    figs.mkdir(exist_ok=True)
+    targets = _targets(groups)
+    sections = [Section(
+        title="Summary",
+        text=(f"Config {cfg.name!r}: {cfg.adapter.kind} adapter, {cfg.dft.mode} DFT, "
+              f"{cfg.train.iterations} iterations of {cfg.train.images_per_prompt} images. "
+              f"Bias is the paper's metric (mean over class pairs of |freq_i - freq_j|), measured with the "
+              f"evaluation classifier on {cfg.audit_images_per_prompt} images per prompt from the same noise "
+              f"before and after."),
+        images=[plot_bias_summary({k: {"before": before[n].summary["bias"][k]["mean"], "after": v["mean"]}
+                                   for k, v in after[n].summary["bias"].items()}, figs / f"bias_{n}.png")
+                for n in after],
+        tables=_summary_tables(before, after),
+    )]
+    for name, res in after.items():
+        images = []
+        for attr, target in targets.items():
+            classes = res.attributes[attr]
+            rows = [{"prompt": b["prompt"],
+                     "before": dict(zip(classes, b["freq"][attr])), "after": dict(zip(classes, a["freq"][attr]))}
+                    for b, a in zip(before[name].rows, res.rows)]
+            images.append(plot_group_frequencies(rows, attr, classes, target, figs / f"freq_{name}_{attr}.png"))
+        sections.append(Section(title=f"Group frequencies per prompt: {name}",
+                                text="Dashed lines: the target distribution.", images=images))
+        grids = []
+        for i, (orig, deb) in enumerate(zip(res.originals, res.images)):
+            classes = {a: res.attributes[a] for a in targets}
+            grids.append(before_after_grid(_grid_kwargs(orig, classes), _grid_kwargs(deb, classes),
+                                           figs / f"grid_{name}_{i}.png", titles=(f"original: {orig.prompt}", "debiased")))
+        if grids:
+            sections.append(Section(
+                title=f"Images before and after: {name}",
+                text="Same number = same initial noise. Bars: predicted class per attribute (height = confidence); "
+                     "boxes: the detected region.", images=grids))
+    log = run.read_rows(run.log_path)
+    if log:
+        sections.append(Section(title="Training losses", images=[plot_loss_curves(log, figs / "losses.png")]))
+    return write_report(run.root / "report.html", f"fairness report: {cfg.name}", sections)
