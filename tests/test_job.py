@@ -1,0 +1,49 @@
+"""The main job on a tiny world: metrics files and an HTML report holding every figure."""
+
+from __future__ import annotations
+
+import base64
+import json
+from html.parser import HTMLParser
+
+from fairness.job import run_job
+from tests.helpers import tiny_config
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images: dict[str, str] = {}
+        self.headings: list[str] = []
+        self._in_h = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.images[a["data-name"]] = a["src"]
+        self._in_h = tag in ("h1", "h2")
+
+    def handle_data(self, data):
+        if self._in_h and data.strip():
+            self.headings.append(data.strip())
+
+    def handle_endtag(self, tag):
+        self._in_h = False
+
+
+def test_job_writes_metrics_and_a_complete_report(tmp_path):
+    cfg = tiny_config(tmp_path, target={"joint": {"attributes": ["gender", "race"], "probs": "uniform"}})
+    result = run_job(cfg, tmp_path / "run", progress=False)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["summary"]["bias"]) >= {"gender", "race", "gender*race"}
+    assert metrics["sets"]["test"]["before"]["prompts"][0]["prompt"] == cfg.prompts.test[0].prompts[0]
+    assert (tmp_path / "run" / "metrics_test.csv").exists()
+    parser = _Images()
+    parser.feed(result.report_path.read_text())
+    figures = {p.stem for p in (tmp_path / "run" / "figures").glob("*.png")}
+    assert figures == set(parser.images)
+    assert {"bias_test", "freq_test_gender", "freq_test_race", "grid_test_0", "losses"} <= figures
+    for src in parser.images.values():
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any("Group frequencies" in h for h in parser.headings)
