@@ -14,6 +14,7 @@ Ray contributes three things through the loop's hooks:
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -77,10 +78,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run = Path(loop_config["run_dir"])
     trainer = Trainer(cfg, run, collective=TorchCollective(), on_checkpoint=report,
                       progress=loop_config.get("progress", True))
-    # Which process is which rank (operators, and the fault-tolerance test, read this).
+    # Which process on which node is which rank (operators and the fault-tolerance test read this).
     workers = run / "workers"
     workers.mkdir(exist_ok=True)
-    (workers / f"rank_{ctx.get_world_rank()}.pid").write_text(str(os.getpid()))
+    (workers / f"rank_{ctx.get_world_rank()}.json").write_text(json.dumps(
+        {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -101,6 +103,7 @@ def fit_distributed(
     max_failures: int = 2,
     resume: bool = True,
     progress: bool = True,
+    placement_strategy: str = "PACK",
 ) -> TrainResult:
     """Run the debiasing loop on ``workers`` Ray Train workers; returns the main worker's result."""
     import ray
@@ -120,7 +123,8 @@ def fit_distributed(
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run), "use_gpu": use_gpu,
                            "resume": resume, "progress": progress},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=placement_strategy),
         run_config=RunConfig(name=f"{cfg.name}-{uuid.uuid4().hex[:8]}", storage_path=str(run / "ray"),
                              failure_config=FailureConfig(max_failures=max_failures)),
     )

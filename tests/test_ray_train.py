@@ -38,14 +38,14 @@ def test_two_workers_match_one_process(tmp_path, ray_session):
 
 def _kill_rank_when(run, rank, step, killed):
     """Background: SIGKILL the worker of ``rank`` once the log reaches ``step``."""
-    log, pidfile = run / "log.jsonl", run / "workers" / f"rank_{rank}.pid"
+    log, pidfile = run / "log.jsonl", run / "workers" / f"rank_{rank}.json"
     deadline = time.time() + 300
     while time.time() < deadline:
         if log.exists() and pidfile.exists():
             rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
             if rows and rows[-1]["step"] >= step:
                 killed["step"] = rows[-1]["step"]
-                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+                os.kill(json.loads(pidfile.read_text())["pid"], signal.SIGKILL)
                 return
         time.sleep(0.2)
 
