@@ -226,15 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_toyworld_build)
 
-    for name, module, help_text in (
-        ("bank", "pipelines.bank", "build an originals bank with Ray Data"),
-        ("tune", "pipelines.tune", "search loss weights / C / lr with Ray Tune"),
-        ("serve", "pipelines.serve", "serve the debiased model (OpenAI Images API) with Ray Serve"),
+    for name, help_text in (
+        ("bank", "build an originals bank with Ray Data"),
+        ("tune", "search loss weights / C / lr with Ray Tune"),
+        ("serve", "serve the debiased model (OpenAI Images API) with Ray Serve"),
     ):
-        # Ray is imported only when one of these runs; each parses its own arguments.
+        # Listed for --help; main() dispatches them before parsing (Ray is imported only then).
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.add_argument("args", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_ray_command(module, name))
+        p.set_defaults(func=_ray_command(RAY_COMMANDS[name], name))
     return parser
 
 
@@ -251,7 +251,14 @@ def _ray_command(module: str, name: str):
     return run
 
 
+RAY_COMMANDS = {"bank": "pipelines.bank", "tune": "pipelines.tune", "serve": "pipelines.serve"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in RAY_COMMANDS:
+        # Ray commands parse their own options (argparse.REMAINDER would not pass "--x" on).
+        return _ray_command(RAY_COMMANDS[argv[0]], argv[0])(argparse.Namespace(args=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     from fairness.config import ConfigError

@@ -58,7 +58,9 @@ class LoadedModel:
             if original:
                 with self.original():
                     return generate(self.pipe, list(prompts), noise, sampling)
-            return generate(self.pipe, [self.prefix + p for p in prompts], noise, sampling)
+            # diffusers expands a multi-vector textual-inversion token ("<fair>" -> "<fair> <fair>_1 ...").
+            expanded = [self.pipe.maybe_convert_prompt(self.prefix + p, self.pipe.tokenizer) for p in prompts]
+            return generate(self.pipe, expanded, noise, sampling)
 
 
 def load_model(model: str, adapter: str | None = None, dtype: str = "float32", device: str = "auto") -> LoadedModel:
