@@ -161,17 +161,44 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file and the field."""
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DebiasConfig:
-    """Read, merge ``overrides`` (dotted keys), and validate a YAML config."""
-    p = Path(path)
+# A target is one statement of intent: a child config's target replaces its parent's whole.
+REPLACED_WHOLE = {"target"}
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any], top: bool = True) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        merge = isinstance(value, dict) and isinstance(out.get(key), dict) and not (top and key in REPLACED_WHOLE)
+        out[key] = _deep_merge(out[key], value, top=False) if merge else value
+    return out
+
+
+def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config, resolving ``extends: other.yaml`` (relative to the file) recursively."""
     if not p.exists():
         raise ConfigError(f"config file not found: {p}")
+    if p.resolve() in seen:
+        raise ConfigError(f"{p}: 'extends' forms a cycle")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    return _deep_merge(_read_yaml(p.parent / parent, seen + (p.resolve(),)), data)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DebiasConfig:
+    """Read (following ``extends``), merge ``overrides`` (dotted keys), and validate a YAML config.
+
+    A scenario config states only how it differs from the config it extends; mappings merge
+    key by key, anything else (lists, scalars) and the whole ``target`` replaces.
+    """
+    p = Path(path)
+    data = _read_yaml(p)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

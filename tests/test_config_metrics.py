@@ -61,3 +61,15 @@ def test_joint_classes_row_major_and_missing():
     j = joint_classes({"g": np.array([0, 1, 1, -1]), "r": np.array([3, 0, 2, 1])}, {"g": 2, "r": 4}, ["g", "r"])
     np.testing.assert_array_equal(j, [3, 4, 6, -1])
     assert mean_std([1.0, 3.0, float("nan")]) == {"mean": 2.0, "std": 1.0, "n": 2}
+
+
+def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**BASE, "train": {"iterations": 5, "lr": 0.1}}))
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"extends": "base.yaml", "train": {"iterations": 9},
+                                                         "target": {"marginals": {"race": "uniform"}}}))
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.train.iterations == 9 and cfg.train.lr == 0.1
+    assert cfg.target == {"marginals": {"race": "uniform"}}  # a target replaces, never merges
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "loop.yaml")

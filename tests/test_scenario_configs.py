@@ -1,0 +1,31 @@
+"""Every shipped experiment config is valid and its target compiles against the toy world."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fairness.config import load_config
+from fairness.targets.distributions import TargetSpec
+from fairness.toyworld.world import ATTRIBUTES
+from fairness.training.prompts import resolve_prompts
+
+CONFIGS = sorted((Path(__file__).parent.parent / "pipelines" / "configs" / "toyworld").glob("[ms]*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_is_valid(path):
+    cfg = load_config(path)
+    groups = TargetSpec.from_dict(cfg.target).compile(ATTRIBUTES)
+    assert groups
+    for ps in cfg.prompts.train + cfg.prompts.val + cfg.prompts.test:
+        assert resolve_prompts(ps)
+    names = {ps.name for ps in cfg.prompts.test}
+    assert {"test-concepts", "unseen-templates", "unseen-contexts"} <= names
+
+
+def test_conditional_scenario_targets_25_percent_striped():
+    cfg = load_config(CONFIGS[0].parent / "s4_joint_conditional.yaml")
+    (group,) = TargetSpec.from_dict(cfg.target).compile(ATTRIBUTES)
+    assert group.marginal("pattern")[1] == pytest.approx(0.25)
