@@ -47,3 +47,7 @@ def test_job_writes_metrics_and_a_complete_report(tmp_path):
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert any("Group frequencies" in h for h in parser.headings)
+    from fairness.report.results import markdown_table
+
+    table = markdown_table([tmp_path / "run"]).splitlines()
+    assert len(table) == 3 and "gender*race" in table[2] and table[2].startswith("| tiny | test |")
