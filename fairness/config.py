@@ -165,6 +165,15 @@ class ConfigError(ValueError):
 REPLACED_WHOLE = {"target"}
 
 
+def set_dotted(data: dict[str, Any], dotted: str, value: Any, sep: str = ".") -> None:
+    """``set_dotted(d, "train.lr", 1e-4)`` sets ``d["train"]["lr"]`` (creating mappings)."""
+    node = data
+    *parents, leaf = dotted.split(sep)
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
 def _deep_merge(base: dict[str, Any], over: dict[str, Any], top: bool = True) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
@@ -200,11 +209,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> De
     p = Path(path)
     data = _read_yaml(p)
     for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+        set_dotted(data, dotted, value)
     try:
         return DebiasConfig.model_validate(data)
     except ValidationError as exc:

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from fairness.config import DebiasConfig, load_config
+from fairness.config import DebiasConfig, load_config, set_dotted
 
 
 class TuneSettings(BaseModel):
@@ -64,11 +64,7 @@ def _space(search: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
 def apply_overrides(base: dict[str, Any], params: dict[str, Any]) -> DebiasConfig:
     data = yaml.safe_load(yaml.safe_dump(base))
     for dotted, value in params.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = value
+        set_dotted(data, dotted, value)
     return DebiasConfig.model_validate(data)
 
 

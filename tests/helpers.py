@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fairness.config import DebiasConfig
+from fairness.config import DebiasConfig, set_dotted
 from fairness.models.tiny import build_tiny_pipeline
 from fairness.perception.tiny import build_tiny_bundle
 
@@ -37,9 +37,5 @@ def tiny_config(root: Path, **over: Any) -> DebiasConfig:
         "audit_images_per_prompt": 4,
     }
     for dotted, value in over.items():
-        node = data
-        *parents, leaf = dotted.split("__")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = value
+        set_dotted(data, dotted, value, sep="__")
     return DebiasConfig.model_validate(data)
