@@ -79,6 +79,10 @@ def test_edge_cases_single_image_identical_predictions_and_no_detection():
     assert t.targets[1] == -1 and t.confidence[1] == 0
     t = assign_targets(groups, probs, valid=np.zeros(3, bool))["gender"]
     assert (t.targets == -1).all()
+    joint = TargetSpec.from_dict({"joint": {"attributes": ["gender", "race"], "probs": "uniform"}}).compile(KNOWN)
+    probs["race"] = np.full((3, 4), 0.25)
+    out = assign_targets(joint, probs, valid=np.zeros(3, bool))  # a batch without any face
+    assert (out["gender"].targets == -1).all() and (out["race"].targets == -1).all()
 
 
 def test_sixteen_joint_classes_use_monte_carlo_and_are_deterministic():

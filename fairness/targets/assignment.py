@@ -152,7 +152,7 @@ def joint_probabilities(group: TargetGroup, probs: Mapping[str, np.ndarray]) -> 
     out = np.asarray(probs[group.attributes[0]], dtype=np.float64)
     for attr in group.attributes[1:]:
         nxt = np.asarray(probs[attr], dtype=np.float64)
-        out = (out[:, :, None] * nxt[:, None, :]).reshape(len(out), -1)
+        out = (out[:, :, None] * nxt[:, None, :]).reshape(len(out), out.shape[1] * nxt.shape[1])
     return out
 
 
