@@ -693,6 +693,8 @@ def build_perception(out_dir: Path, seed: int = 0, quick: bool = False, device: 
             # CLIP-T is an evaluation metric, so it reads through the evaluation CLIP.
             "text_image_encoder": enc_specs["clip_eval"],
             "face_embedder": spec("toyworld.embedder", "face_embedder.safetensors", EMBEDDER),
+            # Which shape a prompt asks for: the semantic-accuracy metric (CLIP-T's exact analog).
+            "semantic_labeler": {"backend": "toyworld.semantic_labeler"},
         },
         "semantic_encoders": ["clip", "dino"],
         "eval_encoders": {"clip_i": "clip_eval", "dino": "dino_eval"},

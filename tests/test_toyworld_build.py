@@ -1,0 +1,69 @@
+"""The toy-world build (smoke run) and the SD model shipped in the repository."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from fairness.perception.bundle import load_bundle
+from fairness.toyworld import default_model_dir, default_perception_dir, world
+from fairness.toyworld.build import build_toyworld, concept_prompts, generate, perceive
+from fairness.toyworld.diffusion import DEFAULTS_FILE
+
+
+def test_quick_build_writes_a_loadable_pipeline_and_a_report(tmp_path):
+    report = build_toyworld(tmp_path, quick=True, device="cpu", progress=False)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "sd"))
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a photo of a doctor", num_inference_steps=2, guidance_scale=2.0, output_type="pt").images
+    assert images.shape == (1, 3, world.IMAGE_SIZE, world.IMAGE_SIZE)
+    on_disk = json.loads((tmp_path / "fidelity.json").read_text())
+    assert on_disk["summary"].keys() == report["summary"].keys() >= {"train", "val", "test", "scenery"}
+    assert set(on_disk["summary"]["train"]) == {"concepts", "generated", "rendered", "law"}
+    assert (tmp_path / "perception" / "bundle.json").exists()
+    defaults = json.loads((tmp_path / "sd" / DEFAULTS_FILE).read_text())
+    assert set(defaults) == {"num_inference_steps", "guidance_scale", "image_size"}
+
+
+@pytest.fixture(scope="module")
+def shipped() -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(str(default_model_dir()))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_shipped_tokenizer_has_one_token_per_world_word(shipped):
+    tok = shipped.tokenizer
+    assert len(tok) > 100
+    for word in world.vocabulary():
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    longest = max(world.prompts("train", "all", "all"), key=lambda p: len(tok(p).input_ids))
+    assert len(tok(longest).input_ids) <= tok.model_max_length
+
+
+def test_shipped_model_draws_the_prompted_shape(shipped):
+    """A few dozen images of train concepts covering every shape, at the shipped sampling
+    defaults: the evaluation classifier must see the prompt's shape well above chance (1/6).
+    The shipped model reaches ~36% (fidelity target: 95%, not yet met; see README)."""
+    defaults = json.loads((default_model_dir() / DEFAULTS_FILE).read_text())
+    firsts = {}
+    for c in world.concepts_by_split("train"):
+        if c.has_objects:
+            firsts.setdefault(c.shape, c)
+    concepts = list(firsts.values())
+    assert {c.shape for c in concepts} == set(world.SHAPES)
+    items = [it for c in concepts for it in concept_prompts(c, 6)]
+    images = generate(shipped, items, seed=0, steps=defaults["num_inference_steps"],
+                      guidance=defaults["guidance_scale"], progress=False)
+    assert images.shape == (len(items), 3, defaults["image_size"], defaults["image_size"])
+    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    seen = perceive(load_bundle(default_perception_dir()), images)
+    shapes = world.SHAPES
+    expected = np.repeat([shapes.index(c.shape) for c in concepts], 6)
+    found = seen["found"]
+    assert found.mean() >= 0.8
+    assert np.mean(seen["shape"][found] == expected[found]) >= 0.3
