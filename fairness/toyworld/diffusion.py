@@ -51,7 +51,7 @@ class DiffusionRecipe:
     max_length: int = 16  # the longest world prompt is 14 tokens with BOS and EOS
     # VAE: three blocks = two downsamplings, 32x32 -> 8x8.
     vae_channels: tuple[int, ...] = (16, 32, 32)
-    vae_steps: int = 1200
+    vae_steps: int = 1500
     vae_batch: int = 32
     vae_lr: float = 2e-3
     kl_weight: float = 1e-5
@@ -61,17 +61,17 @@ class DiffusionRecipe:
     unet_layers: int = 1
     unet_heads: int = 4
     unet_attention: tuple[bool, ...] = (True, True)  # per level: cross-attention blocks or plain
-    unet_steps: int = 2000
+    unet_steps: int = 2500
     unet_batch: int = 64
     unet_lr: float = 1e-3
-    train_images: int = 60000  # distinct rendered images, encoded once to latents
+    train_images: int = 30000  # distinct rendered images, encoded once to latents
     caption_dropout: float = 0.1
     # Min-SNR-gamma weighting of the epsilon loss (Hang et al. 2023); None = plain SD loss.
     snr_gamma: float | None = 5.0
     ema_decay: float = 0.999
     # Sampling defaults shipped with the model (fairness_defaults.json).
-    num_inference_steps: int = 15
-    guidance_scale: float = 2.0
+    num_inference_steps: int = 12
+    guidance_scale: float = 5.0
 
     @classmethod
     def quick(cls) -> "DiffusionRecipe":
