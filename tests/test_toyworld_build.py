@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from scipy.stats import binom
 
 from fairness.perception.bundle import load_bundle
 from fairness.toyworld import default_model_dir, default_perception_dir, world
 from fairness.toyworld.build import build_toyworld, concept_prompts, generate, perceive
 from fairness.toyworld.diffusion import DEFAULTS_FILE
+
+PER_SHAPE = 12
 
 
 def test_quick_build_writes_a_loadable_pipeline_and_a_report(tmp_path):
@@ -47,8 +50,9 @@ def test_shipped_tokenizer_has_one_token_per_world_word(shipped):
 
 def test_shipped_model_draws_the_prompted_shape(shipped):
     """A few dozen images of train concepts covering every shape, at the shipped sampling
-    defaults: the evaluation classifier must see the prompt's shape well above chance (1/6).
-    The shipped model reaches ~36% (fidelity target: 95%, not yet met; see README)."""
+    defaults: the evaluation classifier must see the prompt's shape more often than chance (1/6)
+    can explain (exact binomial test). The shipped model reaches ~30-36%; the fidelity target
+    of 95% is not met yet (see README)."""
     defaults = json.loads((default_model_dir() / DEFAULTS_FILE).read_text())
     firsts = {}
     for c in world.concepts_by_split("train"):
@@ -56,14 +60,15 @@ def test_shipped_model_draws_the_prompted_shape(shipped):
             firsts.setdefault(c.shape, c)
     concepts = list(firsts.values())
     assert {c.shape for c in concepts} == set(world.SHAPES)
-    items = [it for c in concepts for it in concept_prompts(c, 6)]
+    items = [it for c in concepts for it in concept_prompts(c, PER_SHAPE)]
     images = generate(shipped, items, seed=0, steps=defaults["num_inference_steps"],
                       guidance=defaults["guidance_scale"], progress=False)
     assert images.shape == (len(items), 3, defaults["image_size"], defaults["image_size"])
     assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
     seen = perceive(load_bundle(default_perception_dir()), images)
     shapes = world.SHAPES
-    expected = np.repeat([shapes.index(c.shape) for c in concepts], 6)
+    expected = np.repeat([shapes.index(c.shape) for c in concepts], PER_SHAPE)
     found = seen["found"]
     assert found.mean() >= 0.8
-    assert np.mean(seen["shape"][found] == expected[found]) >= 0.3
+    hits = int(np.sum(seen["shape"][found] == expected[found]))
+    assert binom.sf(hits - 1, int(found.sum()), 1 / len(shapes)) < 0.01, (hits, int(found.sum()))

@@ -70,7 +70,7 @@ class DiffusionRecipe:
     snr_gamma: float | None = 5.0
     ema_decay: float = 0.999
     # Sampling defaults shipped with the model (fairness_defaults.json).
-    num_inference_steps: int = 12
+    num_inference_steps: int = 15
     guidance_scale: float = 5.0
 
     @classmethod
