@@ -7,7 +7,7 @@ CONFIG ?= pipelines/configs/toyworld/main.yaml
 RUN ?= runs/main
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: setup demo test test-all bench toyworld clean
+.PHONY: setup demo test test-all test-cluster bench toyworld clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: setup
 
 test-all: PYTEST_ARGS=
 test-all: test
+
+# The local two-node Ray cluster test (slow: ~3 min); CI runs it after the default suite.
+test-cluster: setup
+	$(BIN)/python -m pytest -m slow tests/test_ray_multinode.py
 
 bench: setup
 	$(BIN)/python -m fairness.bench --out bench/results
