@@ -51,3 +51,5 @@ def test_job_writes_metrics_and_a_complete_report(tmp_path):
 
     table = markdown_table([tmp_path / "run"]).splitlines()
     assert len(table) == 3 and "gender*race" in table[2] and table[2].startswith("| tiny | test |")
+    faces = [result.before["test"].summary["faces"]["mean"], result.after["test"].summary["faces"]["mean"]]
+    assert f"| {faces[0]:.0%} → {faces[1]:.0%} |" in table[2]  # the objects-found column

@@ -3,7 +3,9 @@
 ``python -m fairness.report.results runs/main runs/s1-binary ... [--out results.md]`` reads each
 run's ``metrics.json`` and ``config.yaml`` and prints one row per (run, evaluated prompt set):
 bias of every targeted attribute (and of their joint) before -> after, the share of each
-conditionally targeted class, semantic accuracy before -> after, CLIP-I and DINO analogs.
+conditionally targeted class, the share of images with a detected object before -> after (a
+debiaser can "hide" the attribute by dropping the object; bias is measured only where there is
+one), semantic accuracy before -> after, CLIP-I and DINO analogs.
 """
 
 from __future__ import annotations
@@ -51,13 +53,14 @@ def rows_for_run(run: Path) -> list[list[str]]:
         sem_b, sem_a = before["summary"]["semantics"], after["summary"]["semantics"]
         acc = "accuracy_shape"
         fmt = lambda d, k: f"{d[k]['mean']:.3f}" if k in d else "-"  # noqa: E731
-        out.append([metrics.get("config", run.name), set_name, bias + (f"; {share}" if share else ""),
+        objects = f"{before['summary']['faces']['mean']:.0%} → {after['summary']['faces']['mean']:.0%}"
+        out.append([metrics.get("config", run.name), set_name, bias + (f"; {share}" if share else ""), objects,
                     f"{fmt(sem_b, acc)} → {fmt(sem_a, acc)}", fmt(sem_a, "clip_i"), fmt(sem_a, "dino")])
     return out
 
 
 def markdown_table(runs: list[Path]) -> str:
-    header = ["run", "prompts", "bias before → after (eval classifier)", "semantic acc. before → after",
+    header = ["run", "prompts", "bias before → after (eval classifier)", "objects found", "semantic acc. before → after",
               "CLIP-I", "DINO"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
