@@ -14,6 +14,7 @@ complete debias config) land in the run directory.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import uuid
 from pathlib import Path
@@ -62,7 +63,7 @@ def _space(search: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
 
 
 def apply_overrides(base: dict[str, Any], params: dict[str, Any]) -> DebiasConfig:
-    data = yaml.safe_load(yaml.safe_dump(base))
+    data = copy.deepcopy(base)  # keeps key order, so best_config.yaml diffs cleanly against the base
     for dotted, value in params.items():
         set_dotted(data, dotted, value)
     return DebiasConfig.model_validate(data)

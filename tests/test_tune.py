@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 import yaml
 
 from fairness.config import load_config
-from pipelines.tune import TuneSettings, objective, run_tune
+from pipelines.tune import TuneSettings, apply_overrides, objective, run_tune
 from tests.helpers import tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
@@ -17,6 +18,13 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 def test_objective_penalises_semantic_loss_only_below_floor():
     assert objective(0.2, 0.95, 0.9, 2.0) == pytest.approx(0.2)
     assert objective(0.2, 0.8, 0.9, 2.0) == pytest.approx(0.4)
+
+
+def test_best_config_diffs_against_the_base_only_where_the_search_changed_it():
+    base = load_config(Path(__file__).parent.parent / "pipelines" / "configs" / "toyworld" / "main.yaml")
+    tuned = apply_overrides(base.model_dump(mode="json"), {"train.lr": 1e-3, "loss.img.lambda1": 4.0})
+    changed = [(a, b) for a, b in zip(base.to_yaml().splitlines(), tuned.to_yaml().splitlines()) if a != b]
+    assert [b.strip() for _, b in changed] == ["lambda1: 4.0", "lr: 0.001"]
 
 
 def test_tune_writes_results_and_a_loadable_best_config(tmp_path, ray_session):
