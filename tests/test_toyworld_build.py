@@ -42,7 +42,7 @@ def shipped() -> StableDiffusionPipeline:
 def test_shipped_tokenizer_has_one_token_per_world_word(shipped):
     tok = shipped.tokenizer
     assert len(tok) > 100
-    for word in world.vocabulary():
+    for word in world.caption_vocabulary():
         assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
     longest = max(world.prompts("train", "all", "all"), key=lambda p: len(tok(p).input_ids))
     assert len(tok(longest).input_ids) <= tok.model_max_length

@@ -149,6 +149,26 @@ def test_prompts_round_trip_and_vocabulary() -> None:
     assert all(W.parse_prompt(p)[1] in W.TEMPLATES["unseen"] for p in unseen)
 
 
+def test_training_captions_name_the_drawn_attributes_without_changing_the_scenes() -> None:
+    plain = [W.sample_training_pair(np.random.default_rng(11))[2] for _ in range(1)]
+    rng, caption_rng = np.random.default_rng(11), np.random.default_rng(12)
+    pairs = [W.sample_training_pair(rng, caption_rng, attribute_rate=0.5) for _ in range(400)]
+    assert pairs[0][2] == plain[0]  # captioning draws from its own generator
+    vocab, named = set(W.caption_vocabulary()), 0
+    for caption, _, scene in pairs:
+        assert set(caption.replace(",", " ").split()) <= vocab
+        base = caption.split(",")[0]
+        if " in " in base and scene.has_object:
+            words = base.rsplit(" in ", 1)[1].split()
+            assert words and set(words) <= {scene.tone, scene.color, scene.pattern}, (caption, scene)
+            named += 1
+        else:
+            assert W.parse_prompt(caption)[0] is not None  # a plain caption is a world prompt
+    share = named / sum(p[2].has_object for p in pairs)
+    assert 0.8 < share < 0.95  # 1 - 0.5**3 of the captions with an object name something
+    assert W.mentioned_attributes(pairs[0][2], caption_rng, 0.0) == []
+
+
 def test_render_is_fast() -> None:
     import time
 

@@ -48,7 +48,7 @@ class DiffusionRecipe:
     text_hidden: int = 64
     text_layers: int = 3
     text_heads: int = 4
-    max_length: int = 16  # the longest world prompt is 14 tokens with BOS and EOS
+    max_length: int = 20  # the longest training caption is 18 tokens with BOS and EOS
     # VAE: three blocks = two downsamplings, 32x32 -> 8x8.
     vae_channels: tuple[int, ...] = (16, 32, 32)
     vae_steps: int = 1500
@@ -66,6 +66,9 @@ class DiffusionRecipe:
     unet_lr: float = 1e-3
     train_images: int = 30000  # distinct rendered images, encoded once to latents
     caption_dropout: float = 0.1
+    # Each of tone / colour / pattern is named in a training caption with this probability
+    # (world.mentioned_attributes): the model learns to draw them on request, as SD does.
+    attribute_caption_rate: float = 0.25
     # Min-SNR-gamma weighting of the epsilon loss (Hang et al. 2023); None = plain SD loss.
     snr_gamma: float | None = 5.0
     ema_decay: float = 0.999
@@ -88,8 +91,9 @@ class DiffusionRecipe:
 def build_tokenizer(save_dir: str | Path, max_length: int) -> CLIPTokenizer:
     """A ``CLIPTokenizer`` over the world's vocabulary in which every word is ONE token (as
     in SD, where a concept word is one embedding that textual inversion or debiasing can move)."""
-    tok = build_clip_tokenizer(world.vocabulary(), save_dir, model_max_length=max_length)
-    split = [w for w in world.vocabulary() if len(tok.tokenize(w)) != 1]
+    words = world.caption_vocabulary()
+    tok = build_clip_tokenizer(words, save_dir, model_max_length=max_length)
+    split = [w for w in words if len(tok.tokenize(w)) != 1]
     if split:
         raise RuntimeError(f"tokenizer splits world words: {split[:5]}")
     return tok
@@ -143,12 +147,13 @@ def ddpm_scheduler() -> DDPMScheduler:
 # ---------------------------------------------------------------------------------------------
 
 
-def render_pairs(rng: np.random.Generator, n: int) -> tuple[list[str], np.ndarray, list[world.Scene]]:
-    """``n`` world training pairs: prompts, float32 images ``(n, 3, 32, 32)`` in [0, 1], scenes."""
+def render_pairs(rng: np.random.Generator, n: int, attribute_rate: float = 0.0,
+                 caption_rng: np.random.Generator | None = None) -> tuple[list[str], np.ndarray, list[world.Scene]]:
+    """``n`` world training pairs: captions, float32 images ``(n, 3, 32, 32)`` in [0, 1], scenes."""
     prompts, scenes = [], []
     images = np.empty((n, 3, world.IMAGE_SIZE, world.IMAGE_SIZE), np.float32)
     for i in range(n):
-        prompt, images[i], scene = world.sample_training_pair(rng)
+        prompt, images[i], scene = world.sample_training_pair(rng, caption_rng, attribute_rate)
         prompts.append(prompt)
         scenes.append(scene)
     return prompts, images, scenes
@@ -229,11 +234,12 @@ def latent_dataset(vae: AutoencoderKL, recipe: DiffusionRecipe, seed: int, devic
     """Render ``train_images`` pairs and encode them once (rendered chunk by chunk so the
     pixels never all sit in memory); returns prompts and unscaled latents."""
     rng = numpy_rng(seed, "toyworld-sd", "unet-data")
+    caption_rng = numpy_rng(seed, "toyworld-sd", "captions")
     prompts: list[str] = []
     latents = []
     chunks = list(_chunks(recipe.train_images, 4096))
     for s in tqdm(chunks, desc="toyworld latents", disable=not progress):
-        p, images, _ = render_pairs(rng, s.stop - s.start)
+        p, images, _ = render_pairs(rng, s.stop - s.start, recipe.attribute_caption_rate, caption_rng)
         prompts += p
         latents.append(encode_latents(vae, images, device))
     return prompts, torch.cat(latents)

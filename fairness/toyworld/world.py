@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Sequence
 
 import numpy as np
 
@@ -218,10 +219,26 @@ def concept(name: str) -> Concept:
     raise KeyError(f"unknown toy-world concept {name!r}")
 
 
-def make_prompt(concept: Concept, template: str, context: str) -> str:
-    """``template`` filled with the concept's phrase, then ``", " + context`` if any."""
+def make_prompt(concept: Concept, template: str, context: str, attributes: Sequence[str] = ()) -> str:
+    """``template`` filled with the concept's phrase, then ``" in " + attributes`` if any (only
+    training captions name attributes), then ``", " + context`` if any."""
     base = template.replace("{concept}", concept.phrase)
+    if attributes:
+        base = f"{base} in {' '.join(attributes)}"
     return f"{base}, {context}" if context else base
+
+
+def mentioned_attributes(scene: Scene, rng: np.random.Generator, rate: float) -> list[str]:
+    """The scene's tone, colour and pattern words, each kept with probability ``rate``.
+
+    Web captions sometimes say "a female doctor": that is what gives SD a text direction for
+    the attribute, which debiasing then uses. Training captions that name the object's
+    attributes now and then give the toy model the same; plain prompts keep the concept's law.
+    """
+    if not scene.has_object or rate <= 0:
+        return []
+    words = [scene.tone, scene.color, scene.pattern]
+    return [w for w, keep in zip(words, rng.random(len(words)) < rate) if keep]
 
 
 def _choose(names: str) -> list[str]:
@@ -305,11 +322,15 @@ def sample_scene(rng: np.random.Generator, concept: Concept, context: str) -> Sc
                  rotation=float(rng.uniform(-MAX_ROTATION, MAX_ROTATION)))
 
 
-def sample_training_pair(rng: np.random.Generator) -> tuple[str, np.ndarray, Scene]:
+def sample_training_pair(rng: np.random.Generator, caption_rng: np.random.Generator | None = None,
+                         attribute_rate: float = 0.0) -> tuple[str, np.ndarray, Scene]:
     """A random (prompt, image, scene) over ALL concepts, templates and contexts.
 
     The generator must know every word (unseen concepts, templates and contexts are only held
-    out from *debiasing*), so its training data covers the whole grammar.
+    out from *debiasing*), so its training data covers the whole grammar. With
+    ``attribute_rate > 0`` the caption also names some of the object's attributes
+    (:func:`mentioned_attributes`), drawn from ``caption_rng`` so that the scenes themselves
+    do not depend on the captioning.
     """
     from fairness.toyworld.render import render  # render.py imports this module: import late
 
@@ -320,7 +341,8 @@ def sample_training_pair(rng: np.random.Generator) -> tuple[str, np.ndarray, Sce
     context = contexts[int(rng.integers(len(contexts)))]
     scene = sample_scene(rng, c, context)
     image, _ = render(scene, rng)
-    return make_prompt(c, template, context), image, scene
+    mentioned = mentioned_attributes(scene, caption_rng, attribute_rate) if caption_rng is not None else []
+    return make_prompt(c, template, context, mentioned), image, scene
 
 
 def vocabulary() -> list[str]:
@@ -331,6 +353,11 @@ def vocabulary() -> list[str]:
         for w in re.findall(r"[a-z]+", text.replace("{concept}", "").lower()):
             words.add(w)
     return sorted(words)
+
+
+def caption_vocabulary() -> list[str]:
+    """:func:`vocabulary` plus the attribute words that training captions may name."""
+    return sorted(set(vocabulary()) | {w for classes in ATTRIBUTES.values() for w in classes} | {"in"})
 
 
 def prompts(split: str, templates: str = "seen", contexts: str = "seen") -> list[str]:
