@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -51,6 +51,7 @@ class DiffusionRecipe:
     max_length: int = 20  # the longest training caption is 18 tokens with BOS and EOS
     # VAE: three blocks = two downsamplings, 32x32 -> 8x8.
     vae_channels: tuple[int, ...] = (16, 32, 32)
+    latent_channels: int = 4
     vae_steps: int = 1500
     vae_batch: int = 32
     vae_lr: float = 2e-3
@@ -69,6 +70,9 @@ class DiffusionRecipe:
     # Each of tone / colour / pattern is named in a training caption with this probability
     # (world.mentioned_attributes): the model learns to draw them on request, as SD does.
     attribute_caption_rate: float = 0.25
+    # Extra weight of the epsilon loss on latent cells the object covers (``object_weights``
+    # pooled to the latent grid): shapes are a few latent cells, the background most of them.
+    latent_object_weight: float = 0.0
     # Min-SNR-gamma weighting of the epsilon loss (Hang et al. 2023); None = plain SD loss.
     snr_gamma: float | None = 5.0
     ema_decay: float = 0.999
@@ -112,9 +116,9 @@ def make_vae(recipe: DiffusionRecipe) -> AutoencoderKL:
     """No attention in the mid block: at 8x8 it buys nothing for these images and costs time."""
     n = len(recipe.vae_channels)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
+        in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=recipe.vae_channels, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=recipe.vae_channels, latent_channels=recipe.latent_channels, layers_per_block=1, norm_num_groups=8,
         sample_size=world.IMAGE_SIZE, mid_block_add_attention=False,
     )
 
@@ -127,7 +131,7 @@ def latent_size(recipe: DiffusionRecipe) -> int:
 def make_unet(recipe: DiffusionRecipe) -> UNet2DConditionModel:
     attn = recipe.unet_attention
     return UNet2DConditionModel(
-        sample_size=latent_size(recipe), in_channels=4, out_channels=4,
+        sample_size=latent_size(recipe), in_channels=recipe.latent_channels, out_channels=recipe.latent_channels,
         layers_per_block=recipe.unet_layers, block_out_channels=recipe.unet_channels,
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
@@ -229,20 +233,33 @@ def encode_latents(vae: AutoencoderKL, images: np.ndarray, device: torch.device,
     return torch.cat(out)
 
 
+@dataclass
+class LatentData:
+    """The denoiser's training set: captions, unscaled latents ``(n, c, h, w)`` and per-cell
+    loss weights ``(n, 1, h, w)`` (mean 1 per image)."""
+
+    prompts: list[str]
+    latents: torch.Tensor
+    weights: torch.Tensor
+
+
 def latent_dataset(vae: AutoencoderKL, recipe: DiffusionRecipe, seed: int, device: torch.device,
-                   progress: bool = True) -> tuple[list[str], torch.Tensor]:
+                   progress: bool = True) -> LatentData:
     """Render ``train_images`` pairs and encode them once (rendered chunk by chunk so the
-    pixels never all sit in memory); returns prompts and unscaled latents."""
+    pixels never all sit in memory), with the object-weighted loss map of each."""
     rng = numpy_rng(seed, "toyworld-sd", "unet-data")
     caption_rng = numpy_rng(seed, "toyworld-sd", "captions")
     prompts: list[str] = []
-    latents = []
+    latents, weights = [], []
+    side = latent_size(recipe)
     chunks = list(_chunks(recipe.train_images, 4096))
     for s in tqdm(chunks, desc="toyworld latents", disable=not progress):
-        p, images, _ = render_pairs(rng, s.stop - s.start, recipe.attribute_caption_rate, caption_rng)
+        p, images, scenes = render_pairs(rng, s.stop - s.start, recipe.attribute_caption_rate, caption_rng)
         prompts += p
         latents.append(encode_latents(vae, images, device))
-    return prompts, torch.cat(latents)
+        w = F.adaptive_avg_pool2d(torch.from_numpy(object_weights(scenes, recipe.latent_object_weight)), side)
+        weights.append(w / w.mean(dim=(1, 2, 3), keepdim=True))
+    return LatentData(prompts, torch.cat(latents), torch.cat(weights))
 
 
 def _token_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
@@ -255,14 +272,14 @@ def train_denoiser(
     text_encoder: CLIPTextModel,
     unet: UNet2DConditionModel,
     tokenizer: CLIPTokenizer,
-    prompts: list[str],
-    latents: torch.Tensor,
+    data: LatentData,
     recipe: DiffusionRecipe,
     seed: int,
     device: torch.device,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Joint text-encoder + U-Net training with SD's epsilon loss on scaled latents.
+    """Joint text-encoder + U-Net training with SD's epsilon loss on ``data`` (latents already
+    scaled), each latent cell weighted by ``data.weights``.
 
     Prompts repeat (the world has ~2k distinct ones), so they are tokenized once and looked
     up by index. The EMA of the weights is what gets shipped: it samples much better than the
@@ -270,9 +287,10 @@ def train_denoiser(
     """
     torch.manual_seed(derive_seed(seed, "toyworld-sd", "denoiser"))
     gen = torch.Generator().manual_seed(derive_seed(seed, "toyworld-sd", "batches"))
-    unique = sorted(set(prompts))
+    latents = data.latents
+    unique = sorted(set(data.prompts))
     index = {p: i for i, p in enumerate(unique)}
-    prompt_idx = torch.tensor([index[p] for p in prompts])
+    prompt_idx = torch.tensor([index[p] for p in data.prompts])
     ids = _token_ids(tokenizer, unique)
     empty = _token_ids(tokenizer, [""])[0]
     noise_sched = ddpm_scheduler()
@@ -296,7 +314,8 @@ def train_denoiser(
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
         cond = text_encoder(tok.to(device))[0]
         pred = unet(noise_sched.add_noise(z0, noise, t), t, cond).sample
-        loss = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        cell_weights = data.weights[idx].to(device)
+        loss = (cell_weights * F.mse_loss(pred, noise, reduction="none")).mean(dim=(1, 2, 3))
         if recipe.snr_gamma is not None:
             loss = loss * (snr[t].clamp(max=recipe.snr_gamma) / snr[t]).to(loss.dtype)
         loss = loss.mean()
@@ -351,12 +370,13 @@ def train_diffusion(
     vae, text_encoder, unet = make_vae(recipe), make_text_encoder(tokenizer, recipe), make_unet(recipe)
 
     stats = {f"vae_{k}": v for k, v in train_vae(vae, recipe, seed, dev, progress).items()}
-    prompts, latents = latent_dataset(vae, recipe, seed, dev, progress)
-    scale = 1.0 / float(latents.std())
+    data = latent_dataset(vae, recipe, seed, dev, progress)
+    scale = 1.0 / float(data.latents.std())
     vae.register_to_config(scaling_factor=scale)
     stats["latent_scaling_factor"] = scale
     stats.update({f"denoiser_{k}": v for k, v in train_denoiser(
-        text_encoder, unet, tokenizer, prompts, latents * scale, recipe, seed, dev, progress).items()})
+        text_encoder, unet, tokenizer, replace(data, latents=data.latents * scale), recipe, seed, dev,
+        progress).items()})
 
     pipe = StableDiffusionPipeline(
         vae=vae.cpu(), text_encoder=text_encoder.cpu(), tokenizer=tokenizer, unet=unet.cpu(),
