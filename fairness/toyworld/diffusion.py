@@ -51,7 +51,7 @@ class DiffusionRecipe:
     max_length: int = 20  # the longest training caption is 18 tokens with BOS and EOS
     # VAE: three blocks = two downsamplings, 32x32 -> 8x8.
     vae_channels: tuple[int, ...] = (16, 32, 32)
-    latent_channels: int = 4
+    latent_channels: int = 4  # SD's; 8 keeps a few more shapes through the VAE (README)
     vae_steps: int = 1500
     vae_batch: int = 32
     vae_lr: float = 2e-3
@@ -118,7 +118,8 @@ def make_vae(recipe: DiffusionRecipe) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=recipe.vae_channels, latent_channels=recipe.latent_channels, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=recipe.vae_channels, latent_channels=recipe.latent_channels,
+        layers_per_block=1, norm_num_groups=8,
         sample_size=world.IMAGE_SIZE, mid_block_add_attention=False,
     )
 
