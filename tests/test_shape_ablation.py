@@ -1,0 +1,67 @@
+"""The shape-fidelity ablation: each mode trains what it says on the shipped model's pieces and
+reports a shape accuracy; the world is left as it was."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fairness.toyworld import world
+from fairness.toyworld.shape_ablation import main, probe_concepts, run_ablation
+
+# A few steps on a few images: what the modes do, not how well.
+TINY = {"unet_steps": 2, "unet_batch": 4, "train_images": 16, "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def one_concept() -> list[world.Concept]:
+    return probe_concepts()[:1]
+
+
+def test_probe_is_every_second_train_concept():
+    probe = probe_concepts()
+    assert len(probe) == 19
+    assert all(c.split == "train" and c.has_objects for c in probe)
+
+
+def test_scratch_row_measures_a_fresh_denoiser_and_restores_the_world(one_concept):
+    before = world.MIN_SIZE
+    row = run_ablation("scratch", TINY, min_size=12.0, images_per_concept=2, concepts=one_concept)
+    assert world.MIN_SIZE == before
+    assert row["mode"] == "scratch" and row["min_size"] == 12.0 and row["init_seed"] == 1
+    assert 0.0 <= row["shape_accuracy"] <= 1.0
+    assert set(row["tv"]) >= {"tone", "color", "pattern"}
+    assert torch.isfinite(torch.tensor(row["stats"]["loss"]))
+
+
+def test_shipped_mode_trains_nothing_and_is_deterministic(one_concept):
+    rows = [run_ablation("shipped", {"num_inference_steps": 3}, images_per_concept=2, concepts=one_concept)
+            for _ in range(2)]
+    assert rows[0]["stats"] == {}
+    assert rows[0]["shape_accuracy"] == rows[1]["shape_accuracy"]
+    assert rows[0]["tv"] == rows[1]["tv"]
+
+
+@pytest.mark.parametrize("mode, min_size, message", [
+    ("bogus", None, "mode must be one of"),
+    ("scratch", 40.0, "--min-size must lie in"),
+])
+def test_bad_arguments_are_refused(mode, min_size, message):
+    before = world.MIN_SIZE
+    with pytest.raises(ValueError, match=message):
+        run_ablation(mode, {}, min_size=min_size)
+    assert world.MIN_SIZE == before
+
+
+def test_cli_appends_one_json_line(tmp_path, monkeypatch):
+    import fairness.toyworld.shape_ablation as module
+    probe = probe_concepts()[:1]
+    monkeypatch.setattr(module, "probe_concepts", lambda: probe)
+    out = tmp_path / "rows.jsonl"
+    for tag in ("a", "b"):
+        main(["--tag", tag, "--mode", "shipped", "--recipe", json.dumps({"num_inference_steps": 2}),
+              "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["tag"] for r in rows] == ["a", "b"]
