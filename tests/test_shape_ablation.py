@@ -44,14 +44,15 @@ def test_shipped_mode_trains_nothing_and_is_deterministic(one_concept):
     assert rows[0]["tv"] == rows[1]["tv"]
 
 
-@pytest.mark.parametrize("mode, min_size, message", [
-    ("bogus", None, "mode must be one of"),
-    ("scratch", 40.0, "--min-size must lie in"),
+@pytest.mark.parametrize("mode, overrides, min_size, message", [
+    ("bogus", {}, None, "mode must be one of"),
+    ("scratch", {}, 40.0, "--min-size must lie in"),
+    ("scratch", {"unet_stepz": 3}, None, r"unknown DiffusionRecipe fields \['unet_stepz'\]"),
 ])
-def test_bad_arguments_are_refused(mode, min_size, message):
+def test_bad_arguments_are_refused(mode, overrides, min_size, message):
     before = world.MIN_SIZE
     with pytest.raises(ValueError, match=message):
-        run_ablation(mode, {}, min_size=min_size)
+        run_ablation(mode, overrides, min_size=min_size)
     assert world.MIN_SIZE == before
 
 

@@ -348,6 +348,15 @@ class TrainedModel:
     stats: dict[str, float] = field(default_factory=dict)
 
 
+def assemble_pipeline(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                      unet: UNet2DConditionModel) -> StableDiffusionPipeline:
+    """The stock pipeline around trained parts, with the sampler the model ships with."""
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=dpm_solver(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
 def sampling_defaults(recipe: DiffusionRecipe) -> dict[str, float | int]:
     return {"num_inference_steps": recipe.num_inference_steps, "guidance_scale": recipe.guidance_scale,
             "image_size": world.IMAGE_SIZE}
@@ -379,10 +388,7 @@ def train_diffusion(
         text_encoder, unet, tokenizer, replace(data, latents=data.latents * scale), recipe, seed, dev,
         progress).items()})
 
-    pipe = StableDiffusionPipeline(
-        vae=vae.cpu(), text_encoder=text_encoder.cpu(), tokenizer=tokenizer, unet=unet.cpu(),
-        scheduler=dpm_solver(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(vae.cpu(), text_encoder.cpu(), tokenizer, unet.cpu())
     pipe.save_pretrained(str(out))
     (out / DEFAULTS_FILE).write_text(json.dumps(sampling_defaults(recipe), indent=1) + "\n")
     (out / "training.json").write_text(json.dumps(

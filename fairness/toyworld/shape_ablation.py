@@ -24,7 +24,7 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +60,7 @@ def _retrain_denoiser(mode: str, recipe: recipe_lib.DiffusionRecipe, assets: Pat
     scaled = replace(data, latents=data.latents * pipe.vae.config.scaling_factor)
     stats = recipe_lib.train_denoiser(text_encoder, unet, pipe.tokenizer, scaled, recipe, seed,
                                       torch.device("cpu"), progress=False)
-    pipe = StableDiffusionPipeline(vae=pipe.vae, text_encoder=text_encoder, tokenizer=pipe.tokenizer, unet=unet,
-                                   scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = recipe_lib.assemble_pipeline(pipe.vae, text_encoder, pipe.tokenizer, unet)
     pipe.set_progress_bar_config(disable=True)
     return pipe, stats
 
@@ -77,6 +75,10 @@ def run_ablation(mode: str, overrides: dict[str, Any], min_size: float | None = 
     ``scratch`` row with no overrides measures seed-to-seed noise)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    known = {f.name for f in fields(recipe_lib.DiffusionRecipe)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown DiffusionRecipe fields {unknown}; known: {sorted(known)}")
     recipe = replace(recipe_lib.DiffusionRecipe(), **overrides)
     original_min = world.MIN_SIZE
     if min_size is not None:
