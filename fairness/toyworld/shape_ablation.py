@@ -1,6 +1,6 @@
 """Where do the toy model's shapes go? Retrain part of it with one change, measure shape accuracy.
 
-``python -m fairness.toyworld.shape_ablation --tag NAME [--mode scratch|continue|full]
+``python -m fairness.toyworld.shape_ablation --tag NAME [--mode scratch|continue|full|shipped]
 [--recipe JSON] [--min-size PX] --out bench/results/shape-ablation.jsonl`` appends one JSON line:
 the change, the training loss and time, and the shape accuracy (the perception bundle's
 semantic labeler) and attribute-law TV of generated images, on every second train concept, 16
@@ -45,8 +45,10 @@ def probe_concepts() -> list[world.Concept]:
     return [c for c in world.concepts() if c.split == "train" and c.has_objects][::2]
 
 
-def _retrain_denoiser(mode: str, recipe: recipe_lib.DiffusionRecipe, assets: Path, seed: int, init_seed: int
-                      ) -> tuple[StableDiffusionPipeline, dict[str, float]]:
+def _pipeline_for(mode: str, recipe: recipe_lib.DiffusionRecipe, assets: Path, seed: int, init_seed: int
+                  ) -> tuple[StableDiffusionPipeline, dict[str, float]]:
+    """The shipped pipeline (``shipped``), or it with its text encoder and U-Net retrained
+    (``continue``) or replaced by fresh ones and trained (``scratch``); plus training stats."""
     pipe = load_pipeline(str(assets / "sd"), device="cpu")
     if mode == "shipped":
         return pipe, {}
@@ -92,7 +94,7 @@ def run_ablation(mode: str, overrides: dict[str, Any], min_size: float | None = 
                 model = recipe_lib.train_diffusion(save_dir or tmp, seed=seed, recipe=recipe, progress=False)
             pipe, stats = model.pipe, model.stats
         else:
-            pipe, stats = _retrain_denoiser(mode, recipe, assets, seed, init_seed)
+            pipe, stats = _pipeline_for(mode, recipe, assets, seed, init_seed)
             if save_dir:
                 pipe.save_pretrained(str(save_dir))
         seconds = time.perf_counter() - start
