@@ -2,11 +2,16 @@
 
 Objective (minimised), measured on validation prompts with the *training* perception bundle::
 
-    objective = val_target_gap + penalty * max(0, semantic_floor - val_semantic_sim)
+    objective = val_target_gap
+                + penalty * max(0, semantic_floor - val_semantic_sim)
+                + penalty * max(0, object_floor - val_objects_kept)
 
-``val_target_gap`` is the total-variation distance between generated and target frequencies
-and ``val_semantic_sim`` the semantic encoders' similarity to the original images (see
-``Trainer.validate``): lowest bias among configs that keep the images, with a soft floor.
+``val_target_gap`` is the total-variation distance between generated and target laws (joint
+and marginals), ``val_semantic_sim`` the semantic encoders' similarity to the original images
+and ``val_objects_kept`` the share of faces/objects the adapter keeps (see
+``Trainer.validate``): lowest bias among configs that keep the images *and* what bias is
+measured on, with soft floors. Without the object term a trial that erases half the objects
+scores as well debiased, because the rest happen to be balanced.
 ASHA stops weak trials at checkpoints. The results table (CSV) and the best config (YAML, a
 complete debias config) land in the run directory.
 """
@@ -26,6 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from fairness.config import DebiasConfig, load_config, set_dotted
 
 
+_VAL_KEYS = ("val_target_gap", "val_semantic_sim", "val_objects_kept")
+
+
 class TuneSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -37,6 +45,7 @@ class TuneSettings(BaseModel):
     grace_period: int = Field(1, ge=1, description="reports before ASHA may stop a trial")
     reduction_factor: float = Field(2, gt=1)
     semantic_floor: float = 0.9
+    object_floor: float = Field(0.9, description="share of faces/objects the adapter must keep")
     penalty: float = 2.0
     cpus_per_trial: float = Field(1, gt=0)
     gpus_per_trial: float = Field(0, ge=0)
@@ -45,8 +54,14 @@ class TuneSettings(BaseModel):
         description="dotted config key -> {uniform|loguniform|choice: [...]}")
 
 
-def objective(gap: float, sim: float, floor: float, penalty: float) -> float:
-    return gap + penalty * max(0.0, floor - sim)
+def objective(metrics: dict[str, float], settings: dict[str, Any]) -> float:
+    """The search's score from one validation (``Trainer.validate``'s metrics); lower is better.
+    A missing object rate (no validation prompt yields objects) costs nothing."""
+    nan = float("nan")
+    gap, sim = metrics.get("val_target_gap", nan), metrics.get("val_semantic_sim", nan)
+    kept = metrics.get("val_objects_kept", nan)
+    lost = max(0.0, settings["object_floor"] - kept) if kept == kept else 0.0
+    return gap + settings["penalty"] * (max(0.0, settings["semantic_floor"] - sim) + lost)
 
 
 def _space(search: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
@@ -79,9 +94,8 @@ def _trial(params: dict[str, Any]) -> None:
     trial_dir = Path(tune.get_context().get_trial_dir() or ".") / "run"
 
     def report(step: int, path: Path | None, metrics: dict[str, Any]) -> None:
-        gap, sim = metrics.get("val_target_gap", float("nan")), metrics.get("val_semantic_sim", float("nan"))
-        tune.report({"step": step, "val_target_gap": gap, "val_semantic_sim": sim,
-                     "objective": objective(gap, sim, settings["semantic_floor"], settings["penalty"])})
+        tune.report({"step": step, **{k: metrics.get(k, float("nan")) for k in _VAL_KEYS},
+                     "objective": objective(metrics, settings)})
 
     Trainer(cfg, trial_dir, on_checkpoint=report, progress=False).fit()
 
@@ -120,7 +134,7 @@ def run_tune(settings: TuneSettings, run_dir: str | Path) -> dict[str, Any]:
         if res.metrics is None:
             continue
         params = {k: v for k, v in res.config.items() if not k.startswith("__")}
-        rows.append({**params, **{k: res.metrics.get(k) for k in ("objective", "val_target_gap", "val_semantic_sim", "step")}})
+        rows.append({**params, **{k: res.metrics.get(k) for k in ("objective", *_VAL_KEYS, "step")}})
     if not rows:
         raise RuntimeError("no Tune trial reported a result")
     rows.sort(key=lambda r: r["objective"])

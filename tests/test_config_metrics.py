@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from fairness.config import ConfigError, load_config
-from fairness.metrics.bias import bias, frequencies, joint_classes, mean_std
+from fairness.metrics.bias import bias, frequencies, joint_classes, mean_std, target_gap
 
 BASE = {"prompts": {"train": [{"prompts": ["a photo of the doctor"]}]}, "target": {"marginals": {"gender": "uniform"}}}
 
@@ -61,6 +61,19 @@ def test_joint_classes_row_major_and_missing():
     j = joint_classes({"g": np.array([0, 1, 1, -1]), "r": np.array([3, 0, 2, 1])}, {"g": 2, "r": 4}, ["g", "r"])
     np.testing.assert_array_equal(j, [3, 4, 6, -1])
     assert mean_std([1.0, 3.0, float("nan")]) == {"mean": 2.0, "std": 1.0, "n": 2}
+
+
+def test_target_gap_averages_joint_and_marginal_total_variation():
+    uniform = np.full((2, 4), 1 / 8)
+    sizes = {"g": 2, "r": 4}
+    balanced = {"g": np.repeat([0, 1], 4), "r": np.tile([0, 1, 2, 3], 2)}
+    assert target_gap(balanced, sizes, ["g", "r"], uniform) == 0
+    one_class = {"g": np.zeros(8, int), "r": np.zeros(8, int)}  # joint TV 7/8, marginals 1/2 and 3/4
+    assert target_gap(one_class, sizes, ["g", "r"], uniform) == pytest.approx((7 / 8 + 1 / 2 + 3 / 4) / 3)
+    # Images without a face/object are left out of every law; none at all -> NaN.
+    with_missing = {"g": np.array([0, 1, -1]), "r": np.array([2, 2, 3])}
+    assert target_gap(with_missing, {"g": 2, "r": 4}, ["g"], np.array([0.5, 0.5])) == 0
+    assert np.isnan(target_gap({"g": np.array([-1, -1])}, {"g": 2}, ["g"], np.array([0.5, 0.5])))
 
 
 def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):

@@ -29,6 +29,18 @@ def test_run_directory_layout_and_exported_adapter(tmp_path):
     assert len((run / "val.jsonl").read_text().splitlines()) == 2
 
 
+def test_validation_reports_kept_objects_and_generates_the_originals_once(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path), tmp_path / "run", progress=False)
+    calls = []
+    sample_original = trainer.model.sample_original
+    trainer.model.sample_original = lambda *a: calls.append(a[0]) or sample_original(*a)
+    first, second = trainer.validate(), trainer.validate()
+    assert len(calls) == len(trainer.val_prompts) > 0  # the second check reuses the cache
+    assert first == second  # the adapter did not change, so neither does anything measured
+    assert 0 <= first["val_target_gap"] <= 1
+    assert first["val_objects_kept"] == 1.0  # the tiny detector finds a face in every image
+
+
 def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
     cfg = tiny_config(tmp_path, train__ema_decay=0.9)
     full = Trainer(cfg, tmp_path / "full", progress=False)

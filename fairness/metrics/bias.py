@@ -48,3 +48,23 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     if len(v) == 0:
         return {"mean": float("nan"), "std": float("nan"), "n": 0}
     return {"mean": float(v.mean()), "std": float(v.std()), "n": int(len(v))}
+
+
+def target_gap(classes: Mapping[str, np.ndarray], sizes: Mapping[str, int], attributes: Sequence[str],
+               probs: np.ndarray) -> float:
+    """Distance of one prompt's images from a target law ``probs`` (shape ``(K_1, ..., K_m)``
+    over ``attributes``): the mean total variation over the joint law and, for two or more
+    attributes, each marginal. The marginals are what keeps this usable on few images: the
+    joint TV of 32 images drawn *exactly* from a uniform 8-class law is ~0.19 on its own, a
+    binary marginal's ~0.07, so a mean that includes them separates weak from strong debiasing
+    where the joint alone is mostly sampling noise. ``classes`` maps attribute -> class per
+    image (< 0: no face/object; such images are left out). NaN when no image has one."""
+    joint = joint_classes(classes, sizes, attributes)
+    if not (joint >= 0).any():
+        return float("nan")
+    tvs = [total_variation(frequencies(joint, probs.size), probs.reshape(-1))]
+    if len(attributes) > 1:
+        for axis, attr in enumerate(attributes):
+            marginal = probs.sum(axis=tuple(i for i in range(probs.ndim) if i != axis))
+            tvs.append(total_variation(frequencies(np.where(joint >= 0, classes[attr], -1), sizes[attr]), marginal))
+    return float(np.mean(tvs))
