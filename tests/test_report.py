@@ -209,6 +209,8 @@ def test_loss_curves_one_panel_per_loss_key(tmp_path):
     assert _png(plot_loss_curves(log[6:10], tmp_path / "l2.png", dpi=50)).shape == (150, 420, 3)  # 2 keys
     empty = _png(plot_loss_curves([{"step": 0, "lr": 1.0}], tmp_path / "l0.png", dpi=50))
     assert empty.shape == (150, 210, 3)
+    chosen = _png(plot_loss_curves(log, tmp_path / "l3.png", dpi=50, keys=["lr"]))  # any keys, e.g. validation
+    assert chosen.shape == (150, 210, 3) and _near(chosen, _hex(AFTER_COLOR), 2).sum() > 50
 
 
 def test_bias_summary_bars(tmp_path):

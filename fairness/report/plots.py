@@ -167,13 +167,15 @@ def _draw_loss(ax: Axes, steps: np.ndarray, values: np.ndarray) -> None:
         ax.plot(steps, values, color=AFTER_COLOR, marker="o", markersize=3, linewidth=1.2)
 
 
-def plot_loss_curves(log_rows: Sequence[Mapping[str, object]], out_png: Path, dpi: int = 100) -> Path:
-    """One subplot per ``loss/*`` key against ``step`` (losses have very different scales).
+def plot_loss_curves(log_rows: Sequence[Mapping[str, object]], out_png: Path, dpi: int = 100,
+                     keys: Sequence[str] | None = None) -> Path:
+    """One subplot per ``loss/*`` key (or per key of ``keys``, e.g. the validation metrics)
+    against ``step``: losses have very different scales.
 
     Rows missing a key are skipped for that key; NaN / inf values are left out and counted in
     the subplot title, because a NaN-skipped step is worth seeing, not hiding.
     """
-    keys = _loss_keys(log_rows)
+    keys = list(keys) if keys is not None else _loss_keys(log_rows)
     ncols = min(3, max(len(keys), 1))
     nrows = max(math.ceil(len(keys) / ncols), 1)
     fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows), dpi=dpi, layout="constrained")
