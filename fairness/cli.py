@@ -8,6 +8,7 @@ the ``pipelines`` package only when called.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -84,6 +85,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, args.adapter, args.dtype, args.device)
     bundle = load_perception(args.perception).to(model.pipe.device)
+    if args.classifier == "train":
+        bundle = dataclasses.replace(bundle, eval_classifier=bundle.train_classifier)
     prompts = read_corpus(args.prompts).prompts
     sampling = _sampling(args)
 
@@ -198,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-prompt", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--joint", action="append", default=[], help="joint attribute to audit, e.g. tone*color")
+    p.add_argument("--classifier", choices=["eval", "train"], default="eval",
+                   help="measure attributes with the independent evaluation classifier (default) or with the one "
+                        "the loss trained against; a large gap between the two means the adapter fooled the "
+                        "training classifier rather than changed the attribute")
     p.add_argument("--out", required=True, help="output folder (metrics.json + CSV)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_audit)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import yaml
 from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
 
 from fairness.cli import main
 from tests.helpers import PROMPTS, tiny_config
@@ -58,6 +60,22 @@ def test_debias_export_generate_audit(tmp_path, capsys):
         assert metric in summary["semantics"]
     assert len(metrics["sets"]["audit"]["after"]["prompts"]) == 2
     assert (out / "metrics_audit.csv").read_text().count("\n") == 5  # header + 2 prompts x (original, debiased)
+    # `--classifier train` measures with the classifier the loss trained against (the gaming
+    # check): force that one to the gender the evaluation classifier saw least, then audit again.
+    eval_freq = metrics["sets"]["audit"]["after"]["prompts"][0]["freq"]["gender"]
+    forced = min(range(len(eval_freq)), key=eval_freq.__getitem__)
+    weights = Path(cfg.perception) / "train_classifier.safetensors"
+    state = load_file(str(weights))
+    state["heads.gender.weight"].zero_()
+    state["heads.gender.bias"] = torch.where(torch.arange(len(eval_freq)) == forced, 50.0, -50.0)
+    save_file(state, str(weights))
+    assert main(["audit", "--model", cfg.model.path, "--adapter", str(run / "adapter"), "--perception", cfg.perception,
+                 "--prompts", str(prompts), "--images-per-prompt", "4", "--seed", "0", "--steps", "3",
+                 "--classifier", "train", "--out", str(tmp_path / "audit_train"), "--quiet"]) == 0
+    train = json.loads((tmp_path / "audit_train" / "metrics.json").read_text())
+    assert train["summary"]["semantics"] == summary["semantics"]  # the same images
+    for row in train["sets"]["audit"]["after"]["prompts"]:
+        assert row["freq"]["gender"] == [float(i == forced) for i in range(len(eval_freq))]
 
 
 def test_bad_inputs_fail_with_clear_messages(tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from fairness.config import ConfigError, load_config
-from fairness.metrics.bias import bias, frequencies, joint_classes, mean_std, target_gap
+from fairness.metrics.bias import bias, bias_floor, frequencies, joint_classes, mean_bias_floor, mean_std, target_gap
 
 BASE = {"prompts": {"train": [{"prompts": ["a photo of the doctor"]}]}, "target": {"marginals": {"gender": "uniform"}}}
 
@@ -55,6 +55,16 @@ def test_bias_metric_matches_paper_definition():
     assert bias([0.4, 0.3, 0.2, 0.1]) == pytest.approx((0.1 + 0.2 + 0.3 + 0.1 + 0.2 + 0.1) / 6)
     np.testing.assert_allclose(frequencies(np.array([0, 1, 1, -1]), 2), [1 / 3, 2 / 3])
     assert frequencies(np.array([-1, -1]), 3).sum() == 0
+
+
+def test_bias_floor_is_what_a_perfectly_fair_generator_scores():
+    assert bias_floor(2, 1) == 1.0 and bias_floor(4, 1) == 0.5  # one image is always one class
+    for n in (32, 60, 200):  # binary: E|2f - 1| with f ~ Bin(n, 1/2) / n, about sqrt(2 / (pi n))
+        assert bias_floor(2, n) == pytest.approx(np.sqrt(2 / (np.pi * n)), rel=0.06)
+    assert bias_floor(8, 160) < bias_floor(8, 32) < bias_floor(4, 32) < bias_floor(2, 32)
+    assert bias_floor(2, 32) == bias_floor.__wrapped__(2, 32)  # seeded: the same every call
+    assert np.isnan(bias_floor(2, 0))
+    assert mean_bias_floor([32, 0, 1], 2) == pytest.approx((bias_floor(2, 32) + 1) / 2)  # prompts without faces skipped
 
 
 def test_joint_classes_row_major_and_missing():

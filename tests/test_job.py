@@ -36,6 +36,7 @@ def test_job_writes_metrics_and_a_complete_report(tmp_path):
     result = run_job(cfg, tmp_path / "run", progress=False)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(metrics["summary"]["bias"]) >= {"gender", "race", "gender*race"}
+    assert set(metrics["summary"]["bias_floor"]) == set(metrics["summary"]["bias"])
     assert metrics["sets"]["test"]["before"]["prompts"][0]["prompt"] == cfg.prompts.test[0].prompts[0]
     assert (tmp_path / "run" / "metrics_test.csv").exists()
     parser = _Images()

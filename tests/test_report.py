@@ -332,6 +332,9 @@ def test_paper_table_and_text_table():
         end = header.index(column) + len(column)  # numeric columns are right-aligned
         for line, value in zip(rows, values):
             assert line[:end].endswith(value), (column, line)
+    floored = paper_table(SUMMARY_BEFORE, {**SUMMARY_AFTER, "bias_floor": {"gender": 0.142, "race": 0.1}},
+                          ["gender", "race"], ["clip_t"])
+    assert [format_cell(v) for v in floored.rows[-1]] == ["fair sampling floor", "0.142", "0.100", "-"]
 
 
 def test_format_cell():

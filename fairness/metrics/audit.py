@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fairness.metrics.bias import bias, frequencies, joint_classes, mean_std
+from fairness.metrics.bias import bias, frequencies, joint_classes, mean_bias_floor, mean_std
 from fairness.perception.bundle import PerceptionBundle
 from fairness.perception.regions import detect_largest, square_crop
 from fairness.seeding import image_noise
@@ -141,6 +141,9 @@ def audit(
         rows.append(row)
     summary = {
         "bias": {"*".join(g): mean_std([r["bias"]["*".join(g)] for r in rows]) for g in groups},
+        # What a perfectly fair generator would score on the same number of faces per prompt.
+        "bias_floor": {"*".join(g): mean_bias_floor([r["faces"] for r in rows], int(np.prod([sizes[a] for a in g])))
+                       for g in groups},
         "semantics": {m: mean_std([r["semantics"][m] for r in rows if m in r["semantics"]])
                       for m in sorted({m for r in rows for m in r["semantics"]})},
         "faces": mean_std([r["faces"] / r["images"] for r in rows]),

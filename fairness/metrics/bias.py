@@ -3,14 +3,20 @@
 ``bias(P) = mean over class pairs i < j of |freq_i - freq_j|`` with frequencies over the images
 of prompt P that have a detected face (Shen et al. 2024, sec. 5). 0 is perfectly balanced; a
 prompt whose images are all one of K classes scores 2/K (1 for K = 2, 0.5 for K = 4).
+
+A finite sample is never exactly balanced, so even a perfectly fair generator scores above 0:
+:func:`bias_floor` is what it scores on average, the line under which no measured bias can go.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from fairness.seeding import numpy_rng
 
 
 def frequencies(classes: np.ndarray, num_classes: int) -> np.ndarray:
@@ -26,6 +32,26 @@ def bias(freqs: Sequence[float]) -> float:
     f = np.asarray(freqs, dtype=np.float64)
     pairs = list(itertools.combinations(range(len(f)), 2))
     return float(np.mean([abs(f[i] - f[j]) for i, j in pairs])) if pairs else 0.0
+
+
+@functools.lru_cache(maxsize=4096)
+def bias_floor(num_classes: int, n: int, draws: int = 4000) -> float:
+    """Expected :func:`bias` of ``n`` images from a generator that draws every class with
+    probability exactly 1/K: the sampling floor of the metric (NaN for ``n = 0``). About
+    0.8 / sqrt(n) for K = 2: 0.14 on 32 images, 0.10 on the paper's 60. Estimated from
+    ``draws`` seeded multinomial samples (standard error < 0.002)."""
+    if n <= 0:
+        return float("nan")
+    rng = numpy_rng(0, "bias-floor", num_classes, n)
+    f = rng.multinomial(n, np.full(num_classes, 1.0 / num_classes), size=draws) / n
+    i, j = np.triu_indices(num_classes, k=1)
+    return float(np.abs(f[:, i] - f[:, j]).mean()) if len(i) else 0.0
+
+
+def mean_bias_floor(faces: Sequence[int], num_classes: int) -> float:
+    """:func:`bias_floor` averaged like the audit averages bias: over prompts with a face."""
+    floors = [bias_floor(num_classes, int(n)) for n in faces if n > 0]
+    return float(np.mean(floors)) if floors else float("nan")
 
 
 def joint_classes(classes: Mapping[str, np.ndarray], sizes: Mapping[str, int], attributes: Sequence[str]) -> np.ndarray:

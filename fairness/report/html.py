@@ -102,7 +102,10 @@ def paper_table(summary_before: Mapping[str, Any], summary_after: Mapping[str, A
 
     Summaries are ``{"bias": {attr: {"mean", "std"}}, "semantics": {metric: {"mean", "std"}}}``
     (what :func:`fairness.metrics.audit.audit` returns). A metric one summary lacks (CLIP-I of
-    the original model against itself, say) shows as ``-`` instead of failing the report.
+    the original model against itself, say) shows as ``-`` instead of failing the report. When
+    the debiased summary has ``bias_floor``, a third row gives it: the bias a perfectly fair
+    generator would score on as many images, so "0.14" on 32 binary images reads as the best
+    possible, not as bias left.
     """
     columns = ["model", *[f"bias {a}" for a in attributes], *semantics]
     rows = []
@@ -110,6 +113,9 @@ def paper_table(summary_before: Mapping[str, Any], summary_after: Mapping[str, A
         bias = summary.get("bias", {})
         sem = summary.get("semantics", {})
         rows.append([name, *[bias.get(a) for a in attributes], *[sem.get(m) for m in semantics]])
+    floor = summary_after.get("bias_floor")
+    if floor:
+        rows.append(["fair sampling floor", *[floor.get(a) for a in attributes], *[None] * len(semantics)])
     caption = "bias: mean±std over prompts (0 = balanced); semantics: mean±std over prompts"
     return Table(columns=columns, rows=rows, caption=caption)
 

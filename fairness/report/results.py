@@ -2,7 +2,8 @@
 
 ``python -m fairness.report.results runs/main runs/s1-binary ... [--out results.md]`` reads each
 run's ``metrics.json`` and ``config.yaml`` and prints one row per (run, evaluated prompt set):
-bias of every targeted attribute (and of their joint) before -> after, the share of each
+bias of every targeted attribute (and of their joint) before -> after, with the fair sampling
+floor in brackets (the bias a perfectly fair generator scores on as many images), the share of each
 conditionally targeted class, the share of images with a detected object before -> after (a
 debiaser can "hide" the attribute by dropping the object; bias is measured only where there is
 one), semantic accuracy before -> after, CLIP-I and DINO analogs.
@@ -17,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from fairness.metrics.bias import mean_bias_floor
 from fairness.targets.distributions import TargetSpec
 
 
@@ -46,8 +48,9 @@ def rows_for_run(run: Path) -> list[list[str]]:
         before, after = data["before"], data["after"]
         attributes = after["attributes"]
         names, shares = _targeted(run, attributes)
-        bias = ", ".join(f"{n} {before['summary']['bias'][n]['mean']:.3f} → {after['summary']['bias'][n]['mean']:.3f}"
-                         for n in names)
+        faces = [r["faces"] for r in after["prompts"]]
+        bias = ", ".join(f"{n} {before['summary']['bias'][n]['mean']:.3f} → {after['summary']['bias'][n]['mean']:.3f} "
+                         f"({mean_bias_floor(faces, len(after['prompts'][0]['freq'][n])):.2f})" for n in names)
         share = ", ".join(f"{a}={c}: {_share(before['prompts'], attributes, a, c):.1%} → "
                           f"{_share(after['prompts'], attributes, a, c):.1%} (target {t:.0%})" for a, c, t in shares)
         sem_b, sem_a = before["summary"]["semantics"], after["summary"]["semantics"]
