@@ -12,8 +12,9 @@ and ``val_objects_kept`` the share of faces/objects the adapter keeps (see
 ``Trainer.validate``): lowest bias among configs that keep the images *and* what bias is
 measured on, with soft floors. Without the object term a trial that erases half the objects
 scores as well debiased, because the rest happen to be balanced.
-ASHA stops weak trials at checkpoints. The results table (CSV) and the best config (YAML, a
-complete debias config) land in the run directory.
+ASHA stops weak trials at checkpoints; the best config is the best of the trials that ran the
+whole budget. The results table (CSV) and the best config (YAML, a complete debias config)
+land in the run directory.
 """
 
 from __future__ import annotations
@@ -137,7 +138,11 @@ def run_tune(settings: TuneSettings, run_dir: str | Path) -> dict[str, Any]:
         rows.append({**params, **{k: res.metrics.get(k) for k in ("objective", *_VAL_KEYS, "step")}})
     if not rows:
         raise RuntimeError("no Tune trial reported a result")
-    rows.sort(key=lambda r: r["objective"])
+    # Trials that ran the whole budget come first, best objective first. ASHA stopped the others
+    # at a rung, and their last score is not comparable: on the toy world the objective can
+    # worsen with training (objects get lost), so a trial stopped after 20 iterations, barely
+    # changed, would otherwise outrank every trial that trained.
+    rows.sort(key=lambda r: (-(r["step"] or 0), r["objective"]))
     with (run / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
