@@ -8,6 +8,7 @@ import yaml
 
 from fairness.config import ConfigError, load_config
 from fairness.metrics.bias import bias, bias_floor, frequencies, joint_classes, mean_bias_floor, mean_std, target_gap
+from fairness.targets.distributions import TargetGroup
 
 BASE = {"prompts": {"train": [{"prompts": ["a photo of the doctor"]}]}, "target": {"marginals": {"gender": "uniform"}}}
 
@@ -74,16 +75,16 @@ def test_joint_classes_row_major_and_missing():
 
 
 def test_target_gap_averages_joint_and_marginal_total_variation():
-    uniform = np.full((2, 4), 1 / 8)
+    uniform = TargetGroup(("g", "r"), (("m", "f"), ("a", "b", "c", "d")), np.full((2, 4), 1 / 8))
     sizes = {"g": 2, "r": 4}
     balanced = {"g": np.repeat([0, 1], 4), "r": np.tile([0, 1, 2, 3], 2)}
-    assert target_gap(balanced, sizes, ["g", "r"], uniform) == 0
+    assert target_gap(balanced, sizes, uniform) == 0
     one_class = {"g": np.zeros(8, int), "r": np.zeros(8, int)}  # joint TV 7/8, marginals 1/2 and 3/4
-    assert target_gap(one_class, sizes, ["g", "r"], uniform) == pytest.approx((7 / 8 + 1 / 2 + 3 / 4) / 3)
+    assert target_gap(one_class, sizes, uniform) == pytest.approx((7 / 8 + 1 / 2 + 3 / 4) / 3)
     # Images without a face/object are left out of every law; none at all -> NaN.
-    with_missing = {"g": np.array([0, 1, -1]), "r": np.array([2, 2, 3])}
-    assert target_gap(with_missing, {"g": 2, "r": 4}, ["g"], np.array([0.5, 0.5])) == 0
-    assert np.isnan(target_gap({"g": np.array([-1, -1])}, {"g": 2}, ["g"], np.array([0.5, 0.5])))
+    half = TargetGroup(("g",), (("m", "f"),), np.array([0.5, 0.5]))
+    assert target_gap({"g": np.array([0, 1, -1]), "r": np.array([2, 2, 3])}, sizes, half) == 0
+    assert np.isnan(target_gap({"g": np.array([-1, -1])}, sizes, half))
 
 
 def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):

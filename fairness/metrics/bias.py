@@ -11,12 +11,14 @@ A finite sample is never exactly balanced, so even a perfectly fair generator sc
 from __future__ import annotations
 
 import functools
-import itertools
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 from fairness.seeding import numpy_rng
+
+if TYPE_CHECKING:
+    from fairness.targets.distributions import TargetGroup
 
 
 def frequencies(classes: np.ndarray, num_classes: int) -> np.ndarray:
@@ -28,10 +30,15 @@ def frequencies(classes: np.ndarray, num_classes: int) -> np.ndarray:
     return np.bincount(valid, minlength=num_classes)[:num_classes] / len(valid)
 
 
+def _pair_gaps(freqs: np.ndarray) -> np.ndarray:
+    """``|freq_i - freq_j|`` for every class pair i < j, along the last axis."""
+    i, j = np.triu_indices(freqs.shape[-1], k=1)
+    return np.abs(freqs[..., i] - freqs[..., j])
+
+
 def bias(freqs: Sequence[float]) -> float:
-    f = np.asarray(freqs, dtype=np.float64)
-    pairs = list(itertools.combinations(range(len(f)), 2))
-    return float(np.mean([abs(f[i] - f[j]) for i, j in pairs])) if pairs else 0.0
+    gaps = _pair_gaps(np.asarray(freqs, dtype=np.float64))
+    return float(gaps.mean()) if gaps.size else 0.0
 
 
 @functools.lru_cache(maxsize=4096)
@@ -43,9 +50,8 @@ def bias_floor(num_classes: int, n: int, draws: int = 4000) -> float:
     if n <= 0:
         return float("nan")
     rng = numpy_rng(0, "bias-floor", num_classes, n)
-    f = rng.multinomial(n, np.full(num_classes, 1.0 / num_classes), size=draws) / n
-    i, j = np.triu_indices(num_classes, k=1)
-    return float(np.abs(f[:, i] - f[:, j]).mean()) if len(i) else 0.0
+    gaps = _pair_gaps(rng.multinomial(n, np.full(num_classes, 1.0 / num_classes), size=draws) / n)
+    return float(gaps.mean()) if gaps.size else 0.0
 
 
 def mean_bias_floor(faces: Sequence[int], num_classes: int) -> float:
@@ -76,21 +82,19 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(v.mean()), "std": float(v.std()), "n": int(len(v))}
 
 
-def target_gap(classes: Mapping[str, np.ndarray], sizes: Mapping[str, int], attributes: Sequence[str],
-               probs: np.ndarray) -> float:
-    """Distance of one prompt's images from a target law ``probs`` (shape ``(K_1, ..., K_m)``
-    over ``attributes``): the mean total variation over the joint law and, for two or more
-    attributes, each marginal. The marginals are what keeps this usable on few images: the
+def target_gap(classes: Mapping[str, np.ndarray], sizes: Mapping[str, int], group: TargetGroup) -> float:
+    """Distance of one prompt's images from a target group's law: the mean total variation
+    over the joint law and, for two or more attributes, each marginal. The marginals are what keeps this usable on few images: the
     joint TV of 32 images drawn *exactly* from a uniform 8-class law is ~0.19 on its own, a
     binary marginal's ~0.07, so a mean that includes them separates weak from strong debiasing
     where the joint alone is mostly sampling noise. ``classes`` maps attribute -> class per
     image (< 0: no face/object; such images are left out). NaN when no image has one."""
-    joint = joint_classes(classes, sizes, attributes)
+    joint = joint_classes(classes, sizes, group.attributes)
     if not (joint >= 0).any():
         return float("nan")
-    tvs = [total_variation(frequencies(joint, probs.size), probs.reshape(-1))]
-    if len(attributes) > 1:
-        for axis, attr in enumerate(attributes):
-            marginal = probs.sum(axis=tuple(i for i in range(probs.ndim) if i != axis))
-            tvs.append(total_variation(frequencies(np.where(joint >= 0, classes[attr], -1), sizes[attr]), marginal))
+    tvs = [total_variation(frequencies(joint, group.num_joint_classes), group.flat())]
+    if len(group.attributes) > 1:
+        for attr in group.attributes:
+            found = np.where(joint >= 0, classes[attr], -1)
+            tvs.append(total_variation(frequencies(found, sizes[attr]), group.marginal(attr)))
     return float(np.mean(tvs))

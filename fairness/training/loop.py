@@ -252,7 +252,7 @@ class Trainer:
                 regions, _, logits = obj.classify(images)
                 found = regions.found.cpu().numpy()
                 classes = {a: np.where(found, logits[a].argmax(-1).cpu().numpy(), -1) for a in obj.attributes}
-                gaps += [target_gap(classes, sizes, g.attributes, g.probs) for g in self.model.groups]
+                gaps += [target_gap(classes, sizes, g) for g in self.model.groups]
                 found_total, original_total = found_total + int(found.sum()), original_total + original_found
                 for enc, ref in zip(obj.encoders, original_features):
                     sims.append(float(torch.nn.functional.cosine_similarity(enc(images), ref, dim=-1).mean()))
