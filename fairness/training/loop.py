@@ -262,10 +262,10 @@ class Trainer:
                 "val_semantic_sim": float(np.mean(sims)) if sims else nan,
                 "val_objects_kept": found_total / original_total if original_total else nan}
 
-    @torch.no_grad()
     def _val_originals(self, prompt: str, noise: torch.Tensor) -> tuple[list[torch.Tensor], int]:
         """The frozen model's images for a validation prompt, as semantic features and the
-        number with a face/object (cached: the adapter does not change them)."""
+        number with a face/object (cached: the adapter does not change them). Called inside
+        :meth:`validate`, which already runs without gradients."""
         if prompt not in self._val_cache:
             originals = self.model.sample_original([prompt] * len(noise), noise, self.cfg.dft.eval_steps)
             obj = self.model.objective
