@@ -8,7 +8,7 @@ config is written into the run directory so runs can be read and diffed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -124,6 +124,31 @@ class DFTConfig(Strict):
                               checkpoint_unet=self.checkpoint_unet, checkpoint_vae=self.checkpoint_vae)
 
 
+class SelectionConfig(Strict):
+    """How a validation check is scored (lower is better). The same score picks the exported
+    checkpoint and ranks Ray Tune trials::
+
+        score = val_target_gap + penalty * (max(0, semantic_floor - val_semantic_sim)
+                                            + max(0, object_floor - val_objects_kept))
+
+    The floors make the lowest bias win only among checkpoints that keep the images and the
+    faces/objects bias is measured on: without the object term, an adapter that erases most
+    objects scores as debiased because the few left happen to be balanced."""
+
+    semantic_floor: float = Field(0.9, description="semantic similarity to the originals below which a check is charged")
+    object_floor: float = Field(0.9, description="share of faces/objects kept below which a check is charged")
+    penalty: float = Field(2.0, ge=0)
+
+    def score(self, metrics: Mapping[str, float]) -> float:
+        """A missing similarity or object rate (nothing to compare) costs nothing; a missing gap
+        (no validation image has a face/object) gives NaN, which never wins."""
+        nan = float("nan")
+        sim, kept = metrics.get("val_semantic_sim", nan), metrics.get("val_objects_kept", nan)
+        charge = sum(max(0.0, floor - value) for floor, value in
+                     ((self.semantic_floor, sim), (self.object_floor, kept)) if value == value)
+        return metrics.get("val_target_gap", nan) + self.penalty * charge
+
+
 class TrainConfig(Strict):
     iterations: int = Field(10000, ge=1)
     images_per_prompt: int = Field(24, ge=1)
@@ -134,7 +159,9 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(200, ge=1)
     val_images_per_prompt: int = Field(16, ge=1)
     val_prompts: int | None = Field(None, ge=1, description="cap on validation prompts per check")
-    select_best: Literal["val_bias", "last"] = "val_bias"
+    select_best: Literal["val_score", "last"] = Field(
+        "val_score", description="export the checkpoint with the best validation score, or the last one")
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
     originals_bank: str | None = Field(None, description="parquet folder from `fairness bank` (skips regenerating originals)")
 
 

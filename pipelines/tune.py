@@ -1,17 +1,11 @@
 """Ray Tune: search the loss weights, the confidence threshold C and the learning rate.
 
-Objective (minimised), measured on validation prompts with the *training* perception bundle::
-
-    objective = val_target_gap
-                + penalty * max(0, semantic_floor - val_semantic_sim)
-                + penalty * max(0, object_floor - val_objects_kept)
-
-``val_target_gap`` is the total-variation distance between generated and target laws (joint
-and marginals), ``val_semantic_sim`` the semantic encoders' similarity to the original images
-and ``val_objects_kept`` the share of faces/objects the adapter keeps (see
-``Trainer.validate``): lowest bias among configs that keep the images *and* what bias is
-measured on, with soft floors. Without the object term a trial that erases half the objects
-scores as well debiased, because the rest happen to be balanced.
+Objective (minimised): the validation score that also picks each job's exported checkpoint,
+measured on validation prompts with the *training* perception bundle (``Trainer.validate``;
+floors and penalty in the base config's ``train.selection``, see
+:class:`fairness.config.SelectionConfig`): the target gap, charged where semantic similarity or
+the share of faces/objects kept fall below their floors. Lowest bias among configs that keep
+the images *and* what bias is measured on.
 ASHA stops weak trials at checkpoints; the best config is the best of the trials that ran the
 whole budget. The results table (CSV) and the best config (YAML, a complete debias config)
 land in the run directory.
@@ -45,24 +39,11 @@ class TuneSettings(BaseModel):
     checkpoint_every: int = Field(20, ge=1, description="report (and ASHA rung) interval")
     grace_period: int = Field(1, ge=1, description="reports before ASHA may stop a trial")
     reduction_factor: float = Field(2, gt=1)
-    semantic_floor: float = 0.9
-    object_floor: float = Field(0.9, description="share of faces/objects the adapter must keep")
-    penalty: float = 2.0
     cpus_per_trial: float = Field(1, gt=0)
     gpus_per_trial: float = Field(0, ge=0)
     seed: int = 0
     search: dict[str, dict[str, list[float]]] = Field(
         description="dotted config key -> {uniform|loguniform|choice: [...]}")
-
-
-def objective(metrics: dict[str, float], settings: dict[str, Any]) -> float:
-    """The search's score from one validation (``Trainer.validate``'s metrics); lower is better.
-    A missing object rate (no validation prompt yields objects) costs nothing."""
-    nan = float("nan")
-    gap, sim = metrics.get("val_target_gap", nan), metrics.get("val_semantic_sim", nan)
-    kept = metrics.get("val_objects_kept", nan)
-    lost = max(0.0, settings["object_floor"] - kept) if kept == kept else 0.0
-    return gap + settings["penalty"] * (max(0.0, settings["semantic_floor"] - sim) + lost)
 
 
 def _space(search: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
@@ -90,13 +71,12 @@ def _trial(params: dict[str, Any]) -> None:
 
     from fairness.training.loop import Trainer
 
-    settings = params.pop("__settings")
     cfg = apply_overrides(params.pop("__base"), params)
     trial_dir = Path(tune.get_context().get_trial_dir() or ".") / "run"
 
     def report(step: int, path: Path | None, metrics: dict[str, Any]) -> None:
         tune.report({"step": step, **{k: metrics.get(k, float("nan")) for k in _VAL_KEYS},
-                     "objective": objective(metrics, settings)})
+                     "objective": metrics.get("val_score", float("nan"))})
 
     Trainer(cfg, trial_dir, on_checkpoint=report, progress=False).fit()
 
@@ -116,7 +96,7 @@ def run_tune(settings: TuneSettings, run_dir: str | Path) -> dict[str, Any]:
         apply_overrides(base, {key: next(iter(settings.search[key].values()))[0]})
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
-    space = {**_space(settings.search), "__base": base, "__settings": settings.model_dump()}
+    space = {**_space(settings.search), "__base": base}
     trainable = tune.with_resources(_trial, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
     tuner = tune.Tuner(
         trainable, param_space=space,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
+from fairness.config import SelectionConfig
 from fairness.training.loop import Trainer
 from tests.helpers import tiny_config
 
@@ -39,6 +41,7 @@ def test_validation_reports_kept_objects_and_generates_the_originals_once(tmp_pa
     assert first == second  # the adapter did not change, so neither does anything measured
     assert 0 <= first["val_target_gap"] <= 1
     assert first["val_objects_kept"] == 1.0  # the tiny detector finds a face in every image
+    assert first["val_score"] == trainer.cfg.train.selection.score(first)
 
 
 def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
@@ -109,3 +112,36 @@ def test_loss_falls_on_a_fixed_batch(tmp_path):
     with torch.no_grad():
         last, _ = trainer.loss_for(1)
     assert float(last) < float(first)
+
+
+def test_validation_score_charges_lost_semantics_and_objects_only_below_their_floors():
+    sel = SelectionConfig(semantic_floor=0.9, object_floor=0.9, penalty=2.0)
+    val = {"val_target_gap": 0.2, "val_semantic_sim": 0.95, "val_objects_kept": 1.0}
+    assert sel.score(val) == pytest.approx(0.2)
+    assert sel.score({**val, "val_semantic_sim": 0.8}) == pytest.approx(0.4)
+    assert sel.score({**val, "val_objects_kept": 0.5}) == pytest.approx(0.2 + 2 * 0.4)
+    assert sel.score({**val, "val_objects_kept": float("nan")}) == pytest.approx(0.2)
+    assert math.isnan(sel.score({**val, "val_target_gap": float("nan")}))
+
+
+def test_export_skips_a_fairer_looking_checkpoint_that_erased_the_objects(tmp_path):
+    # Step 2 has the lower target gap only because most objects are gone; the score charges
+    # that, so step 4 is exported (the gap alone would have picked step 2).
+    trainer = Trainer(tiny_config(tmp_path), tmp_path / "run", progress=False)
+    scripted = {2: {"val_target_gap": 0.10, "val_semantic_sim": 0.95, "val_objects_kept": 0.2},
+                4: {"val_target_gap": 0.30, "val_semantic_sim": 0.95, "val_objects_kept": 1.0}}
+    states = {}
+
+    def validate():
+        states[trainer.step] = {k: v.clone() for k, v in trainer.export_state().items()}
+        m = scripted[trainer.step]
+        return {"step": trainer.step, **m, "val_score": trainer.cfg.train.selection.score(m)}
+
+    trainer.validate = validate
+    result = trainer.fit()
+    assert result.best_step == 4 and result.best_score == pytest.approx(0.30)
+    for k, v in _adapter_state(trainer).items():
+        torch.testing.assert_close(v, states[4][k], rtol=0, atol=0)
+    assert not all(torch.equal(states[2][k], states[4][k]) for k in states[2])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "val.jsonl").read_text().splitlines()]
+    assert [r["val_score"] for r in rows] == pytest.approx([0.10 + 2 * 0.7, 0.30])

@@ -9,19 +9,10 @@ import pytest
 import yaml
 
 from fairness.config import load_config
-from pipelines.tune import TuneSettings, apply_overrides, objective, run_tune
+from pipelines.tune import TuneSettings, apply_overrides, run_tune
 from tests.helpers import tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
-
-
-def test_objective_penalises_lost_semantics_and_objects_only_below_their_floors():
-    settings = {"semantic_floor": 0.9, "object_floor": 0.9, "penalty": 2.0}
-    val = {"val_target_gap": 0.2, "val_semantic_sim": 0.95, "val_objects_kept": 1.0}
-    assert objective(val, settings) == pytest.approx(0.2)
-    assert objective({**val, "val_semantic_sim": 0.8}, settings) == pytest.approx(0.4)
-    assert objective({**val, "val_objects_kept": 0.5}, settings) == pytest.approx(0.2 + 2 * 0.4)
-    assert objective({**val, "val_objects_kept": float("nan")}, settings) == pytest.approx(0.2)
 
 
 def test_best_config_diffs_against_the_base_only_where_the_search_changed_it():

@@ -86,12 +86,14 @@ def write_job_report(run_dir: Path, cfg: DebiasConfig, groups: list[TargetGroup]
     if log:
         sections.append(Section(title="Training losses", images=[plot_loss_curves(log, figs / "losses.png")]))
     val = run.read_rows(run.val_path)
-    val_keys = [k for k in ("val_target_gap", "val_semantic_sim", "val_objects_kept") if any(k in r for r in val)]
+    val_keys = [k for k in ("val_score", "val_target_gap", "val_semantic_sim", "val_objects_kept") if any(k in r for r in val)]
     if val_keys:
         sections.append(Section(
             title="Validation (training perception, validation prompts)",
             text="Target gap: mean total variation of the joint and marginal laws from the target (lower is "
-                 "better); the exported adapter is the checkpoint where it is lowest unless train.select_best is "
-                 "'last'. Semantic similarity and objects kept are measured against the original images.",
+                 "better). Semantic similarity and objects kept are measured against the original images. Score: "
+                 "the gap plus a penalty where similarity or objects kept fall below their floors "
+                 "(train.selection); the exported adapter is the checkpoint where it is lowest unless "
+                 "train.select_best is 'last'.",
             images=[plot_loss_curves(val, figs / "validation.png", keys=val_keys)]))
     return write_report(run.root / "report.html", f"fairness report: {cfg.name}", sections)

@@ -231,14 +231,15 @@ class Trainer:
 
         - ``val_target_gap``: distance of the generated attribute laws from each target group's
           (:func:`~fairness.metrics.bias.target_gap`: joint and marginal total variation;
-          lower is better). It picks the exported checkpoint and drives Tune;
+          lower is better);
         - ``val_semantic_sim``: cosine similarity, under the semantic encoders, between
           debiased and original images from the same noise;
         - ``val_objects_kept``: images with a face/object, debiased over original, pooled over
           prompts. Bias is only measured where one is found, so an adapter that removes them
           looks fair.
 
-        The originals' side is the same at every check and is computed once."""
+        ``val_score`` (:meth:`~fairness.config.SelectionConfig.score`) combines the three; it
+        picks the exported checkpoint and ranks Tune trials. The originals' side is the same at every check and is computed once."""
         if not self.val_prompts:
             return {}
         obj, n = self.model.objective, self.cfg.train.val_images_per_prompt
@@ -258,9 +259,10 @@ class Trainer:
                     sims.append(float(torch.nn.functional.cosine_similarity(enc(images), ref, dim=-1).mean()))
         gaps = [g for g in gaps if g == g]
         nan = float("nan")
-        return {"step": self.step, "val_target_gap": float(np.mean(gaps)) if gaps else nan,
-                "val_semantic_sim": float(np.mean(sims)) if sims else nan,
-                "val_objects_kept": found_total / original_total if original_total else nan}
+        metrics = {"val_target_gap": float(np.mean(gaps)) if gaps else nan,
+                   "val_semantic_sim": float(np.mean(sims)) if sims else nan,
+                   "val_objects_kept": found_total / original_total if original_total else nan}
+        return {"step": self.step, **metrics, "val_score": self.cfg.train.selection.score(metrics)}
 
     def _val_originals(self, prompt: str, noise: torch.Tensor) -> tuple[list[torch.Tensor], int]:
         """The frozen model's images for a validation prompt, as semantic features and the
@@ -280,7 +282,7 @@ class Trainer:
 
     def checkpoint(self) -> None:
         val = self.validate()
-        score = val.get("val_target_gap")
+        score = val.get("val_score")
         if self.is_main and val:
             self.run.append(self.run.val_path, val)
         # Every worker validates the same images, so all keep the same best state.
@@ -310,7 +312,7 @@ class Trainer:
         adapter_dir = self.run.root / "adapter"
         if self.step == total:
             # From here on the live model *is* the exported adapter (what audits then measure).
-            use_best = self.cfg.train.select_best == "val_bias" and self.best_state is not None
+            use_best = self.cfg.train.select_best == "val_score" and self.best_state is not None
             self.model.adapter.load_state_dict(self.best_state if use_best else self.export_state())
             if self.is_main:
                 chosen = {"chosen_step": self.best_step if use_best else self.step, "selection": "best_val" if use_best else "last"}
