@@ -239,7 +239,8 @@ class Trainer:
           looks fair.
 
         ``val_score`` (:meth:`~fairness.config.SelectionConfig.score`) combines the three; it
-        picks the exported checkpoint and ranks Tune trials. The originals' side is the same at every check and is computed once."""
+        picks the exported checkpoint and ranks Tune trials. The originals' side is the same at
+        every check and is computed once."""
         if not self.val_prompts:
             return {}
         obj, n = self.model.objective, self.cfg.train.val_images_per_prompt
