@@ -135,7 +135,8 @@ class SelectionConfig(Strict):
     faces/objects bias is measured on: without the object term, an adapter that erases most
     objects scores as debiased because the few left happen to be balanced."""
 
-    semantic_floor: float = Field(0.9, description="semantic similarity to the originals below which a check is charged")
+    semantic_floor: float = Field(
+        0.9, description="semantic similarity to the originals below which a check is charged")
     object_floor: float = Field(0.9, description="share of faces/objects kept below which a check is charged")
     penalty: float = Field(2.0, ge=0)
 

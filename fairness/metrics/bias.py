@@ -87,8 +87,9 @@ def target_gap(classes: Mapping[str, np.ndarray], sizes: Mapping[str, int], grou
     over the joint law and, for two or more attributes, each marginal. The marginals are what
     keeps this usable on few images: the joint TV of 32 images drawn *exactly* from a uniform
     8-class law is ~0.19 on its own, a binary marginal's ~0.07, so a mean that includes them
-    separates weak from strong debiasing where the joint alone is mostly sampling noise. ``classes`` maps attribute -> class per
-    image (< 0: no face/object; such images are left out). NaN when no image has one."""
+    separates weak from strong debiasing where the joint alone is mostly sampling noise.
+    ``classes`` maps attribute -> class per image (< 0: no face/object; such images are left
+    out). NaN when no image has one."""
     joint = joint_classes(classes, sizes, group.attributes)
     if not (joint >= 0).any():
         return float("nan")

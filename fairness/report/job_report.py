@@ -86,7 +86,8 @@ def write_job_report(run_dir: Path, cfg: DebiasConfig, groups: list[TargetGroup]
     if log:
         sections.append(Section(title="Training losses", images=[plot_loss_curves(log, figs / "losses.png")]))
     val = run.read_rows(run.val_path)
-    val_keys = [k for k in ("val_score", "val_target_gap", "val_semantic_sim", "val_objects_kept") if any(k in r for r in val)]
+    val_keys = [k for k in ("val_score", "val_target_gap", "val_semantic_sim", "val_objects_kept")
+                if any(k in r for r in val)]
     if val_keys:
         sections.append(Section(
             title="Validation (training perception, validation prompts)",
