@@ -30,7 +30,10 @@ from fairness.report import (
     write_report,
 )
 from fairness.report.grids import BACKGROUND, BOX, NO_FACE_BG, TRACK
-from fairness.report.plots import AFTER_COLOR, BEFORE_COLOR
+from fairness.config import DebiasConfig
+from fairness.report.job_report import tolerance_bands
+from fairness.report.plots import AFTER_COLOR, BAND_COLOR, BEFORE_COLOR
+from fairness.targets.distributions import TargetSpec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -177,6 +180,34 @@ def test_group_frequencies_binary_bars_and_target(tmp_path):
     assert h_before / h_after == pytest.approx(0.8 / 0.5, rel=0.04)
     lines = _dashed_rows(px)
     assert len(lines) == 1 and abs(lines[0] - top_after) <= 3
+
+
+def test_group_frequencies_shade_the_tolerance_band(tmp_path):
+    rows = [{"prompt": "a photo of a doctor", "before": {"female": 0.2, "male": 0.8},
+             "after": {"female": 0.5, "male": 0.5}}]
+    out = plot_group_frequencies(rows, "gender", ["female", "male"], {"female": 0.5, "male": 0.5},
+                                 tmp_path / "f.png", figsize=(4, 4), dpi=100, band=(0.375, 0.625))
+    px = _png(out)
+    shaded = tuple(round(255 - 0.35 * (255 - c)) for c in _hex(BAND_COLOR))  # alpha 0.35 over white
+    beside_bars = np.flatnonzero(_near(px, _hex(AFTER_COLOR)).any(0)).max() + 5  # inside the axes, not the legend
+    shaded_rows = np.flatnonzero(_near(px[:, beside_bars], shaded))  # grid lines show through: take the extent
+    h_band, top_band = shaded_rows.max() - shaded_rows.min() + 1, shaded_rows.min()
+    h_after, top_after = _bar_height(px, _hex(AFTER_COLOR))
+    assert h_band / h_after == pytest.approx(0.25 / 0.5, rel=0.06)  # the band is 0.25 of the axis tall
+    assert top_band < top_after < top_band + h_band  # and straddles the 0.5 target
+    with pytest.raises(ValueError, match="two classes"):
+        plot_group_frequencies(rows, "race", CLASSES["race"], dict.fromkeys(CLASSES["race"], 0.25),
+                               tmp_path / "g.png", band=(0.2, 0.3))
+
+
+def test_tolerance_bands_for_binary_attributes_targeted_alone():
+    cfg = DebiasConfig.model_validate({
+        "prompts": {"train": [{"prompts": ["a doctor"]}]}, "target": {"marginals": {"gender": "uniform"}},
+        "train": {"images_per_prompt": 16}, "loss": {"confidence_threshold": {"gender": 0.8, "race": 0.6}}})
+    marginals = TargetSpec.from_dict({"marginals": {"gender": "uniform", "race": "uniform"}}).compile(CLASSES)
+    assert tolerance_bands(cfg, marginals) == {"gender": (6 / 16, 10 / 16)}
+    joint = TargetSpec.from_dict({"joint": {"attributes": ["gender", "race"], "probs": "uniform"}}).compile(CLASSES)
+    assert tolerance_bands(cfg, joint) == {}
 
 
 def test_group_frequencies_stacked_with_target_boundaries(tmp_path):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fairness.targets.assignment import assign_targets, binary_q, expected_assignment, num_count_vectors
+from fairness.targets.assignment import (assign_targets, binary_q, binary_tolerance, expected_assignment,
+                                         num_count_vectors)
 from fairness.targets.distributions import TargetError, TargetSpec
 
 KNOWN = {"gender": ["male", "female"], "race": ["w", "a", "b", "i"], "age": ["young", "old"]}
@@ -118,3 +119,28 @@ def test_already_matching_one_hot_predictions_keep_their_classes(counts, seed):
     d = np.asarray(counts) / sum(counts)
     q = expected_assignment(p, d, method="monte_carlo", samples=400, seed=seed)
     assert (q.argmax(1) == labels).all()
+
+
+@pytest.mark.parametrize("n, female, threshold", [(16, 0.5, 0.8), (24, 0.5, 0.8), (16, 0.5, 0.6), (16, 0.3, 0.7),
+                                                  (16, 0.5, 0.5)])
+def test_tolerance_band_is_where_the_assigned_targets_agree_with_a_sure_classifier(n, female, threshold):
+    groups = TargetSpec.from_dict({"marginals": {"gender": {"male": 1 - female, "female": female}}}).compile(KNOWN)
+    lo, hi = binary_tolerance(n, female, threshold)
+    jitter = np.random.default_rng(n).uniform(0, 1e-3, n)
+    silent = []
+    for k in range(n + 1):
+        labels = (np.arange(n) < k).astype(int)
+        p1 = np.where(labels == 1, 0.99, 0.01) - jitter
+        t = assign_targets(groups, {"gender": np.stack([1 - p1, p1], 1)})["gender"]
+        pushed = (t.confidence >= threshold) & (t.targets != labels)
+        silent.append(not pushed.any())
+    assert silent == [lo <= k <= hi for k in range(n + 1)]
+    assert lo <= round(n * female) <= hi
+
+
+def test_tolerance_band_of_the_papers_gender_setting():
+    assert binary_tolerance(24, 0.5, 0.8) == (10, 14)   # N = 24, C = 0.8: 42-58% light is left alone
+    assert binary_tolerance(16, 0.5, 0.8) == (6, 10)
+    assert binary_tolerance(16, 0.5, 0.5) == (8, 8)     # C <= 0.5 targets every image
+    with pytest.raises(ValueError, match="at least one image"):
+        binary_tolerance(0, 0.5, 0.8)

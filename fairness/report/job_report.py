@@ -10,6 +10,7 @@ from fairness.metrics.audit import AuditResult, PromptImages
 from fairness.report.grids import before_after_grid
 from fairness.report.html import Section, format_text_table, paper_table, write_report
 from fairness.report.plots import plot_bias_summary, plot_group_frequencies, plot_loss_curves
+from fairness.targets.assignment import binary_tolerance
 from fairness.targets.distributions import TargetGroup
 from fairness.training.rundir import RunDir
 
@@ -25,6 +26,22 @@ def _targets(groups: list[TargetGroup]) -> dict[str, dict[str, float]]:
     for g in groups:
         for attr, classes in zip(g.attributes, g.classes):
             out[attr] = dict(zip(classes, g.marginal(attr).tolist()))
+    return out
+
+
+def tolerance_bands(cfg: DebiasConfig, groups: list[TargetGroup]) -> dict[str, tuple[float, float]]:
+    """Per binary attribute targeted on its own, the shares of its second class the DAL leaves alone.
+
+    Joint groups get none: their marginal targets come from OT over the joint classes, which
+    has no closed form.
+    """
+    n = cfg.train.images_per_prompt
+    out = {}
+    for g in groups:
+        if len(g.attributes) == 1 and len(g.classes[0]) == 2:
+            attr = g.attributes[0]
+            lo, hi = binary_tolerance(n, float(g.probs[1]), cfg.loss.threshold(attr))
+            out[attr] = (lo / n, hi / n)
     return out
 
 
@@ -50,6 +67,7 @@ def write_job_report(run_dir: Path, cfg: DebiasConfig, groups: list[TargetGroup]
     figs = run.root / "figures"
     figs.mkdir(exist_ok=True)
     targets = _targets(groups)
+    bands = tolerance_bands(cfg, groups)
     sections = [Section(
         title="Summary",
         text=(f"Config {cfg.name!r}: {cfg.adapter.kind} adapter, {cfg.dft.mode} DFT, "
@@ -69,9 +87,15 @@ def write_job_report(run_dir: Path, cfg: DebiasConfig, groups: list[TargetGroup]
             rows = [{"prompt": b["prompt"],
                      "before": dict(zip(classes, b["freq"][attr])), "after": dict(zip(classes, a["freq"][attr]))}
                     for b, a in zip(before[name].rows, res.rows)]
-            images.append(plot_group_frequencies(rows, attr, classes, target, figs / f"freq_{name}_{attr}.png"))
-        sections.append(Section(title=f"Group frequencies per prompt: {name}",
-                                text="Dashed lines: the target distribution.", images=images))
+            images.append(plot_group_frequencies(rows, attr, classes, target, figs / f"freq_{name}_{attr}.png",
+                                                 band=bands.get(attr)))
+        text = "Dashed lines: the target distribution."
+        if bands:
+            text += (f" Shaded: the shares for which a training batch of {cfg.train.images_per_prompt} images gets no "
+                     "alignment gradient, the tolerance the loss allows per prompt ("
+                     + "; ".join(f"{a}: {lo:.2f}-{hi:.2f} at confidence threshold {cfg.loss.threshold(a)}"
+                                 for a, (lo, hi) in bands.items()) + ").")
+        sections.append(Section(title=f"Group frequencies per prompt: {name}", text=text, images=images))
         grids = []
         for i, (orig, deb) in enumerate(zip(res.originals, res.images)):
             classes = {a: res.attributes[a] for a in targets}

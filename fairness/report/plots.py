@@ -24,6 +24,7 @@ from fairness.report.grids import class_colors
 BEFORE_COLOR = "#9e9e9e"
 AFTER_COLOR = "#1f77b4"
 TARGET_STYLE = {"color": "black", "linestyle": "--", "linewidth": 1.2}
+BAND_COLOR = "#ffd54f"
 BAR_WIDTH = 0.38
 
 
@@ -73,13 +74,17 @@ def _save(fig: Figure, out_png: Path) -> Path:
 
 def plot_group_frequencies(rows: Sequence[Mapping[str, object]], attribute: str, classes: Sequence[str],
                            target: Mapping[str, float], out_png: Path,
-                           figsize: tuple[float, float] | None = None, dpi: int = 100) -> Path:
+                           figsize: tuple[float, float] | None = None, dpi: int = 100,
+                           band: tuple[float, float] | None = None) -> Path:
     """Per-prompt group frequencies before vs after debiasing, against the target.
 
     Each row is ``{"prompt": str, "before": {class: freq}, "after": {class: freq}}``. With two
     classes one bar per model shows the share of ``classes[1]`` and a dashed line its target;
     with K classes the bars are stacked (before hatched) and dashed lines mark the target's
     cumulative class boundaries, so a bar whose segment edges sit on the lines is on target.
+    ``band`` (two classes only) shades the shares of ``classes[1]`` that the alignment loss
+    leaves alone (:func:`fairness.targets.assignment.binary_tolerance`), so a bar inside it is
+    as close to the target as the loss asks for.
     """
     if len(classes) < 2:
         raise ValueError(f"need at least two classes for {attribute!r}, got {list(classes)}")
@@ -96,12 +101,17 @@ def plot_group_frequencies(rows: Sequence[Mapping[str, object]], attribute: str,
     x = np.arange(n)
     before = np.array([_freqs(r, "before", classes) for r in rows]).reshape(n, len(classes))
     after = np.array([_freqs(r, "after", classes) for r in rows]).reshape(n, len(classes))
+    if band is not None and len(classes) != 2:
+        raise ValueError(f"a tolerance band needs two classes, {attribute!r} has {len(classes)}")
     if len(classes) == 2:
+        if band is not None:
+            ax.axhspan(*band, color=BAND_COLOR, alpha=0.35, linewidth=0,
+                       label=f"DAL tolerance {band[0]:.2f}-{band[1]:.2f}")
         ax.bar(x - BAR_WIDTH / 2, before[:, 1], BAR_WIDTH, color=BEFORE_COLOR, label="before")
         ax.bar(x + BAR_WIDTH / 2, after[:, 1], BAR_WIDTH, color=AFTER_COLOR, label="after")
         ax.axhline(float(target[classes[1]]), label=f"target {float(target[classes[1]]):.2f}", **TARGET_STYLE)
         ax.set_ylabel(_safe(f"share of {classes[1]}"))
-        fig.legend(loc="outside upper center", ncols=3, frameon=False)
+        fig.legend(loc="outside upper center", ncols=3 if band is None else min(4, legend_cols), frameon=False)
     else:
         colors = [_rgb(c) for c in class_colors({attribute: classes})[attribute]]
         for offset, freqs, hatch in ((-BAR_WIDTH / 2, before, "///"), (BAR_WIDTH / 2, after, None)):

@@ -91,6 +91,25 @@ def binary_q(p1: np.ndarray, d1: float) -> np.ndarray:
     return np.stack([1.0 - q1, q1], axis=1)
 
 
+def binary_tolerance(n: int, d1: float, threshold: float) -> tuple[int, int]:
+    """The class-1 counts of an N-image batch for which the alignment loss is silent.
+
+    With a sure classifier the k class-1 images take ranks 0..k-1, and the loss pushes an image
+    only where its confident target (``max q >= threshold``) differs from its class. Ranks
+    0..lo-1 get confident class-1 targets and ranks hi..N-1 confident class-0 ones, so every
+    batch with ``lo <= k <= hi`` class-1 images gets no alignment gradient at all. A threshold
+    above 0.5 widens this band around ``N * d1``: the paper's N = 24, C = 0.8 tolerates 10-14
+    of 24, i.e. a per-prompt bias up to 0.17 toward a 50/50 target. Returns ``(lo, hi)``.
+    """
+    if n < 1:
+        raise ValueError(f"a batch needs at least one image, got {n}")
+    q = binary_q(np.linspace(1.0, 0.0, n), d1)  # ranks 0..N-1 in order
+    confident = q.max(1) >= threshold
+    to_class1 = confident & (q.argmax(1) == 1)
+    to_class0 = confident & (q.argmax(1) == 0)
+    return int(to_class1.sum()), n - int(to_class0.sum())
+
+
 def exact_q(p: np.ndarray, d: np.ndarray, mass: float = 0.95) -> np.ndarray:
     """Expectation over the most probable count vectors covering ``mass`` of the probability."""
     counts = _count_vectors(len(p), len(d))
