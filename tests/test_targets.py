@@ -139,7 +139,7 @@ def test_tolerance_band_is_where_the_assigned_targets_agree_with_a_sure_classifi
 
 
 def test_tolerance_band_of_the_papers_gender_setting():
-    assert binary_tolerance(24, 0.5, 0.8) == (10, 14)   # N = 24, C = 0.8: 42-58% light is left alone
+    assert binary_tolerance(24, 0.5, 0.8) == (10, 14)   # N = 24, C = 0.8: 42-58% female is left alone
     assert binary_tolerance(16, 0.5, 0.8) == (6, 10)
     assert binary_tolerance(16, 0.5, 0.5) == (8, 8)     # C <= 0.5 targets every image
     with pytest.raises(ValueError, match="at least one image"):
@@ -147,11 +147,12 @@ def test_tolerance_band_of_the_papers_gender_setting():
 
 
 def test_joint_targets_leave_a_still_biased_batch_alone():
-    """Why the joint jobs stall near a colour bias of 0.3 (README, "What limits efficacy").
+    """The joint jobs' tolerance (README, "What limits efficacy" item 5).
 
-    Over 8 joint classes a 16-image batch is too small for confident marginal targets: with tone
-    balanced and colours split 6/6/2/2 (a per-prompt colour bias of 0.17), no image gets a
-    confident colour target at C = 0.6, while a one-colour batch gets half its images pushed.
+    Over 8 joint classes a 16-image batch is too small for confident marginal targets: with
+    gender balanced and races split 6/6/2/2 (a per-prompt race bias of 0.17), no image gets a
+    confident race target at C = 0.6, while a one-race batch gets over a third of its images
+    pushed.
     """
     groups = TargetSpec.from_dict({"joint": {"attributes": ["gender", "race"], "probs": "uniform"}}).compile(KNOWN)
     rng = np.random.default_rng(0)
