@@ -104,10 +104,8 @@ def binary_tolerance(n: int, d1: float, threshold: float) -> tuple[int, int]:
     if n < 1:
         raise ValueError(f"a batch needs at least one image, got {n}")
     q = binary_q(np.linspace(1.0, 0.0, n), d1)  # ranks 0..N-1 in order
-    confident = q.max(1) >= threshold
-    to_class1 = confident & (q.argmax(1) == 1)
-    to_class0 = confident & (q.argmax(1) == 0)
-    return int(to_class1.sum()), n - int(to_class0.sum())
+    confident, target = q.max(1) >= threshold, q.argmax(1)
+    return int((confident & (target == 1)).sum()), n - int((confident & (target == 0)).sum())
 
 
 def exact_q(p: np.ndarray, d: np.ndarray, mass: float = 0.95) -> np.ndarray:
