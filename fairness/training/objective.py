@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fairness.config import LossConfig
-from fairness.losses.alignment import alignment_loss
+from fairness.losses.alignment import alignment_loss, confident_mask
 from fairness.losses.face import face_realism_loss
 from fairness.losses.semantics import gradient_weight_map, image_semantics_loss
 from fairness.dft.engine import scale_grad
@@ -136,6 +136,5 @@ class Objective:
         logs["loss/total"] = total.item()
         logs["faces"] = float(found.float().mean())
         for a, t in targets.items():
-            c = torch.as_tensor(t.confidence)
-            logs[f"confident/{a}"] = float(((torch.as_tensor(t.targets) >= 0) & (c >= self.cfg.threshold(a))).float().mean())
+            logs[f"confident/{a}"] = float(confident_mask(t, self.cfg.threshold(a), torch.device("cpu")).float().mean())
         return LossOutput(total=total, logs=logs, targets=targets)
