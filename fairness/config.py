@@ -83,6 +83,9 @@ class LossConfig(Strict):
     img: ImgWeightConfig = Field(default_factory=ImgWeightConfig)
     img_per_attribute: dict[str, ImgWeightConfig] = Field(default_factory=dict)
     face_weight: float = Field(1.0, ge=0)
+    lost_face_weight: float | None = Field(
+        None, ge=0, description="image-semantics weight of an image whose original shows a face/object "
+        "and which shows none; None: lambda1, the paper's rule for images without a target")
     semantic_encoders: list[str] | None = None
     ot_method: Literal["auto", "binary", "exact", "monte_carlo"] = "auto"
     ot_samples: int = Field(200, ge=1)

@@ -145,3 +145,30 @@ def test_export_skips_a_fairer_looking_checkpoint_that_erased_the_objects(tmp_pa
     assert not all(torch.equal(states[2][k], states[4][k]) for k in states[2])
     rows = [json.loads(line) for line in (tmp_path / "run" / "val.jsonl").read_text().splitlines()]
     assert [r["val_score"] for r in rows] == pytest.approx([0.10 + 2 * 0.7, 0.30])
+
+
+@pytest.mark.parametrize("weight", [None, 40.0])
+def test_an_image_that_lost_its_face_gets_the_lost_face_weight(tmp_path, weight):
+    # Every original shows a face; the detector finds none in the generated images, so each has
+    # left the alignment loss. The paper's rule weighs its semantics gradient like an image that
+    # needs no change (lambda1); lost_face_weight replaces that weight, and only for lost images.
+    cfg = tiny_config(tmp_path, detector_threshold=1e9, loss__lost_face_weight=weight)
+    objective = Trainer(cfg, tmp_path / "run", progress=False).model.objective
+    paper = tiny_config(tmp_path, detector_threshold=1e9).loss
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    originals = objective.describe_originals(torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    originals.found = torch.tensor([True, True, False])
+
+    def grads(loss_cfg):
+        objective.cfg = loss_cfg
+        x = images.clone().requires_grad_(True)
+        out = objective(x, originals, seed=0)
+        out.total.backward()
+        return x.grad.flatten(1).norm(dim=1), out.logs
+
+    (with_rule, logs), (paper_rule, _) = grads(cfg.loss), grads(paper)
+    assert logs["faces"] == 0 and logs["faces_lost"] == pytest.approx(2 / 3)
+    ratio = with_rule / paper_rule
+    expected = (weight or paper.img.lambda1) / paper.img.lambda1
+    torch.testing.assert_close(ratio[:2], torch.full((2,), expected))
+    torch.testing.assert_close(ratio[2], torch.tensor(1.0))  # its original had no face either

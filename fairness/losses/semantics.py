@@ -7,7 +7,9 @@ configurable list of image encoders (CLIP and DINO in the paper). The *gradient*
 :math:`x_i` is reweighted per pixel: :math:`\lambda_1` on the whole image when every target
 class equals the original's class (that image is already fine, change it little); otherwise
 :math:`\lambda_2` outside and :math:`\lambda_3` inside the face box (the face must change, the
-rest should not). The forward value is unweighted, so the logged term stays comparable across
+rest should not). An image whose original shows a face but which shows none itself is outside
+the paper's rules (it leaves the alignment loss, which is how debiasing can erase faces rather
+than change them); :func:`lost_region_weight` gives it its own weight. The forward value is unweighted, so the logged term stays comparable across
 runs; the weights act through :func:`scale_gradient`.
 """
 
@@ -72,6 +74,20 @@ def gradient_weight_map(
     if out is None:
         raise ValueError("gradient_weight_map needs at least one targeted attribute")
     return out
+
+
+def lost_region_weight(weight_map: torch.Tensor, original_found: torch.Tensor, found: torch.Tensor,
+                       weight: float | None) -> torch.Tensor:
+    """Give every image whose original had a region and which has none now the weight ``weight``.
+
+    Such an image has no target, so :func:`gradient_weight_map` treats it as already fine
+    (:math:`\\lambda_1`, the paper's rule), while it has left the alignment loss altogether: a
+    larger weight makes erasing the face cost more than changing it. ``None`` keeps the paper's rule.
+    """
+    if weight is None:
+        return weight_map
+    lost = (original_found.to(weight_map.device) & ~found.to(weight_map.device)).view(-1, 1, 1, 1)
+    return torch.where(lost, torch.full_like(weight_map, weight), weight_map)
 
 
 def image_semantics_loss(

@@ -17,7 +17,7 @@ import torch
 from fairness.config import LossConfig
 from fairness.losses.alignment import alignment_loss, confident_mask
 from fairness.losses.face import face_realism_loss
-from fairness.losses.semantics import gradient_weight_map, image_semantics_loss
+from fairness.losses.semantics import gradient_weight_map, image_semantics_loss, lost_region_weight
 from fairness.dft.engine import scale_grad
 from fairness.perception.bundle import PerceptionBundle
 from fairness.perception.regions import detect_largest, square_crop
@@ -124,6 +124,7 @@ class Objective:
                                  num_faces if num_faces_global else 0)
         weight_map = gradient_weight_map(targets, originals.classes, {a: self.cfg.img_weights(a) for a in self.attributes},
                                          regions, images.shape[-2], images.shape[-1])
+        weight_map = lost_region_weight(weight_map, originals.found, found, self.cfg.lost_face_weight)
         l_img, per_enc = image_semantics_loss(scale_grad(images, weight_map), originals.features, self.encoders)
         total = l_align + l_img
         logs = {"loss/align": l_align.item(), "loss/img": l_img.item(), **{f"loss/img_{k}": v.item() for k, v in per_enc.items()}}
@@ -135,6 +136,7 @@ class Objective:
             logs["loss/face"] = l_face.item()
         logs["loss/total"] = total.item()
         logs["faces"] = float(found.float().mean())
+        logs["faces_lost"] = float((originals.found.to(found.device) & ~found).float().mean())
         for a, t in targets.items():
             logs[f"confident/{a}"] = float(confident_mask(t, self.cfg.threshold(a), torch.device("cpu")).float().mean())
         return LossOutput(total=total, logs=logs, targets=targets)
