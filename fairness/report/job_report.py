@@ -108,7 +108,14 @@ def write_job_report(run_dir: Path, cfg: DebiasConfig, groups: list[TargetGroup]
                      "boxes: the detected region.", images=grids))
     log = run.read_rows(run.log_path)
     if log:
-        sections.append(Section(title="Training losses", images=[plot_loss_curves(log, figs / "losses.png")]))
+        face_keys = [k for k in ("faces", "faces_lost") if any(k in r for r in log)]
+        sections.append(Section(
+            title="Training losses",
+            text="faces: share of each training batch with a detected face/object. faces_lost: share whose "
+                 "original had one and which has none; such images leave the alignment loss, so a rising "
+                 "curve means the adapter erases rather than edits (loss.lost_face_weight).",
+            images=[plot_loss_curves(log, figs / "losses.png")]
+            + ([plot_loss_curves(log, figs / "faces.png", keys=face_keys)] if face_keys else [])))
     val = run.read_rows(run.val_path)
     val_keys = [k for k in ("val_score", "val_target_gap", "val_semantic_sim", "val_objects_kept")
                 if any(k in r for r in val)]
