@@ -149,9 +149,10 @@ def test_export_skips_a_fairer_looking_checkpoint_that_erased_the_objects(tmp_pa
 
 @pytest.mark.parametrize("weight", [None, 40.0])
 def test_an_image_that_lost_its_face_gets_the_lost_face_weight(tmp_path, weight):
-    # Every original shows a face; the detector finds none in the generated images, so each has
-    # left the alignment loss. The paper's rule weighs its semantics gradient like an image that
-    # needs no change (lambda1); lost_face_weight replaces that weight, and only for lost images.
+    # The first two originals show a face and the third none; the detector finds none in the
+    # generated images, so the first two have left the alignment loss. The paper's rule weighs
+    # their semantics gradient like an image that needs no change (lambda1); lost_face_weight
+    # replaces that weight, and only for them.
     cfg = tiny_config(tmp_path, detector_threshold=1e9, loss__lost_face_weight=weight)
     objective = Trainer(cfg, tmp_path / "run", progress=False).model.objective
     paper = tiny_config(tmp_path, detector_threshold=1e9).loss

@@ -7,10 +7,11 @@ configurable list of image encoders (CLIP and DINO in the paper). The *gradient*
 :math:`x_i` is reweighted per pixel: :math:`\lambda_1` on the whole image when every target
 class equals the original's class (that image is already fine, change it little); otherwise
 :math:`\lambda_2` outside and :math:`\lambda_3` inside the face box (the face must change, the
-rest should not). An image whose original shows a face but which shows none itself is outside
-the paper's rules (it leaves the alignment loss, which is how debiasing can erase faces rather
-than change them); :func:`lost_region_weight` gives it its own weight. The forward value is unweighted, so the logged term stays comparable across
-runs; the weights act through :func:`scale_gradient`.
+rest should not). An image whose original shows a face but which shows none itself falls
+outside these rules: it leaves the alignment loss, which is how debiasing can erase faces
+rather than change them, and :func:`lost_region_weight` gives it its own weight. The forward
+value is unweighted, so the logged term stays comparable across runs; the weights act through
+:func:`scale_gradient`.
 """
 
 from __future__ import annotations
