@@ -77,9 +77,8 @@ def gradient_weight_map(
     return out
 
 
-def lost_region_weight(weight_map: torch.Tensor, original_found: torch.Tensor, found: torch.Tensor,
-                       weight: float | None) -> torch.Tensor:
-    """Give every image whose original had a region and which has none now the weight ``weight``.
+def lost_region_weight(weight_map: torch.Tensor, lost: torch.Tensor, weight: float | None) -> torch.Tensor:
+    """Give every ``lost`` image (its original had a region, it has none) the weight ``weight``.
 
     Such an image has no target, so :func:`gradient_weight_map` treats it as already fine
     (:math:`\\lambda_1`, the paper's rule), while it has left the alignment loss altogether: a
@@ -87,8 +86,7 @@ def lost_region_weight(weight_map: torch.Tensor, original_found: torch.Tensor, f
     """
     if weight is None:
         return weight_map
-    lost = (original_found.to(weight_map.device) & ~found.to(weight_map.device)).view(-1, 1, 1, 1)
-    return torch.where(lost, torch.full_like(weight_map, weight), weight_map)
+    return torch.where(lost.to(weight_map.device).view(-1, 1, 1, 1), torch.full_like(weight_map, weight), weight_map)
 
 
 def image_semantics_loss(

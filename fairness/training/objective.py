@@ -124,7 +124,8 @@ class Objective:
                                  num_faces if num_faces_global else 0)
         weight_map = gradient_weight_map(targets, originals.classes, {a: self.cfg.img_weights(a) for a in self.attributes},
                                          regions, images.shape[-2], images.shape[-1])
-        weight_map = lost_region_weight(weight_map, originals.found, found, self.cfg.lost_face_weight)
+        lost = originals.found.to(found.device) & ~found
+        weight_map = lost_region_weight(weight_map, lost, self.cfg.lost_face_weight)
         l_img, per_enc = image_semantics_loss(scale_grad(images, weight_map), originals.features, self.encoders)
         total = l_align + l_img
         logs = {"loss/align": l_align.item(), "loss/img": l_img.item(), **{f"loss/img_{k}": v.item() for k, v in per_enc.items()}}
@@ -136,7 +137,7 @@ class Objective:
             logs["loss/face"] = l_face.item()
         logs["loss/total"] = total.item()
         logs["faces"] = float(found.float().mean())
-        logs["faces_lost"] = float((originals.found.to(found.device) & ~found).float().mean())
+        logs["faces_lost"] = float(lost.float().mean())
         for a, t in targets.items():
             logs[f"confident/{a}"] = float(confident_mask(t, self.cfg.threshold(a), torch.device("cpu")).float().mean())
         return LossOutput(total=total, logs=logs, targets=targets)
