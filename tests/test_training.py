@@ -155,7 +155,7 @@ def test_an_image_that_lost_its_face_gets_the_lost_face_weight(tmp_path, weight)
     # replaces that weight, and only for them.
     cfg = tiny_config(tmp_path, detector_threshold=1e9, loss__lost_face_weight=weight)
     objective = Trainer(cfg, tmp_path / "run", progress=False).model.objective
-    paper = tiny_config(tmp_path, detector_threshold=1e9).loss
+    paper = cfg.loss.model_copy(update={"lost_face_weight": None})
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     originals = objective.describe_originals(torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
     originals.found = torch.tensor([True, True, False])
