@@ -61,6 +61,11 @@ def paper_table_text(before: Mapping[str, AuditResult], after: Mapping[str, Audi
     return "\n\n".join(format_text_table(t) for t in _summary_tables(before, after))
 
 
+def _logged(rows: list[dict], keys: tuple[str, ...]) -> list[str]:
+    """The ``keys`` some row carries, in order: older run directories lack the newer keys."""
+    return [k for k in keys if any(k in r for r in rows)]
+
+
 def write_job_report(run_dir: Path, cfg: DebiasConfig, groups: list[TargetGroup],
                      before: Mapping[str, AuditResult], after: Mapping[str, AuditResult]) -> Path:
     run = RunDir(run_dir)
@@ -108,7 +113,7 @@ def write_job_report(run_dir: Path, cfg: DebiasConfig, groups: list[TargetGroup]
                      "boxes: the detected region.", images=grids))
     log = run.read_rows(run.log_path)
     if log:
-        face_keys = [k for k in ("faces", "faces_lost") if any(k in r for r in log)]
+        face_keys = _logged(log, ("faces", "faces_lost"))
         sections.append(Section(
             title="Training losses",
             text="faces: share of each training batch with a detected face/object. faces_lost: share whose "
@@ -117,8 +122,7 @@ def write_job_report(run_dir: Path, cfg: DebiasConfig, groups: list[TargetGroup]
             images=[plot_loss_curves(log, figs / "losses.png")]
             + ([plot_loss_curves(log, figs / "faces.png", keys=face_keys)] if face_keys else [])))
     val = run.read_rows(run.val_path)
-    val_keys = [k for k in ("val_score", "val_target_gap", "val_semantic_sim", "val_objects_kept")
-                if any(k in r for r in val)]
+    val_keys = _logged(val, ("val_score", "val_target_gap", "val_semantic_sim", "val_objects_kept"))
     if val_keys:
         sections.append(Section(
             title="Validation (training perception, validation prompts)",
