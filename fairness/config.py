@@ -208,6 +208,14 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any, sep: str = ".") ->
     node[leaf] = value
 
 
+def get_dotted(data: dict[str, Any], dotted: str, sep: str = ".") -> Any:
+    """``get_dotted(d, "train.lr")`` is ``d["train"]["lr"]``; a missing key raises ``KeyError``."""
+    node = data
+    for key in dotted.split(sep):
+        node = node[key]
+    return node
+
+
 def _deep_merge(base: dict[str, Any], over: dict[str, Any], top: bool = True) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():

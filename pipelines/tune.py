@@ -7,7 +7,8 @@ floors and penalty in the base config's ``train.selection``, see
 the share of faces/objects kept fall below their floors. Lowest bias among configs that keep
 the images *and* what bias is measured on.
 ASHA stops weak trials at checkpoints; the best config is the best of the trials that ran the
-whole budget. The results table (CSV) and the best config (YAML, a complete debias config)
+whole budget. The base config's own values run as one more trial (``include_base``), so the
+search returns the base unless a sampled config scores better on validation. The results table (CSV) and the best config (YAML, a complete debias config)
 land in the run directory.
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from fairness.config import DebiasConfig, load_config, set_dotted
+from fairness.config import DebiasConfig, get_dotted, load_config, set_dotted
 
 
 _VAL_KEYS = ("val_target_gap", "val_semantic_sim", "val_objects_kept")
@@ -33,7 +34,8 @@ class TuneSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     base: str = Field(description="debias config the trials start from")
-    num_samples: int = Field(8, ge=1)
+    num_samples: int = Field(8, ge=1, description="sampled configs (the base trial comes on top)")
+    include_base: bool = Field(True, description="also run the base config's values of the searched keys")
     max_concurrent: int = Field(2, ge=1)
     iterations: int = Field(60, ge=1, description="training iterations per trial")
     checkpoint_every: int = Field(20, ge=1, description="report (and ASHA rung) interval")
@@ -94,6 +96,9 @@ def run_tune(settings: TuneSettings, run_dir: str | Path) -> dict[str, Any]:
     base = base_cfg.model_dump(mode="json")
     for key in settings.search:  # fail before starting Ray on a typo'd key
         apply_overrides(base, {key: next(iter(settings.search[key].values()))[0]})
+    # The base's own point comes first; one extra sample keeps the sampled candidates of a seed.
+    base_point = {key: get_dotted(base, key) for key in settings.search}
+    points = [base_point] if settings.include_base else []
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
     space = {**_space(settings.search), "__base": base}
@@ -101,11 +106,11 @@ def run_tune(settings: TuneSettings, run_dir: str | Path) -> dict[str, Any]:
     tuner = tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(
-            metric="objective", mode="min", num_samples=settings.num_samples,
+            metric="objective", mode="min", num_samples=settings.num_samples + len(points),
             max_concurrent_trials=settings.max_concurrent,
             scheduler=ASHAScheduler(max_t=max(1, settings.iterations // settings.checkpoint_every),
                                     grace_period=settings.grace_period, reduction_factor=settings.reduction_factor),
-            search_alg=tune.search.BasicVariantGenerator(random_state=settings.seed),
+            search_alg=tune.search.BasicVariantGenerator(points_to_evaluate=points, random_state=settings.seed),
         ),
         run_config=tune.RunConfig(name=f"tune-{uuid.uuid4().hex[:8]}", storage_path=str(run / "ray")),
     )
@@ -115,7 +120,8 @@ def run_tune(settings: TuneSettings, run_dir: str | Path) -> dict[str, Any]:
         if res.metrics is None:
             continue
         params = {k: v for k, v in res.config.items() if not k.startswith("__")}
-        rows.append({**params, **{k: res.metrics.get(k) for k in ("objective", *_VAL_KEYS, "step")}})
+        rows.append({"trial": "base" if params == base_point else "sampled", **params,
+                     **{k: res.metrics.get(k) for k in ("objective", *_VAL_KEYS, "step")}})
     if not rows:
         raise RuntimeError("no Tune trial reported a result")
     # Trials that ran the whole budget come first, best objective first. ASHA stopped the others

@@ -30,7 +30,13 @@ def test_tune_writes_results_and_a_loadable_best_config(tmp_path, ray_session):
                                     "loss.confidence_threshold": {"uniform": [0.5, 0.9]}})
     out = run_tune(settings, tmp_path / "tune")
     rows = list(csv.DictReader(open(out["results"])))
-    assert len(rows) == 3 and {"objective", "train.lr", "loss.img.lambda1"} <= set(rows[0])
+    assert len(rows) == 4 and {"objective", "train.lr", "loss.img.lambda1"} <= set(rows[0])
+    # the base config's own values ran as a trial, beside the three sampled ones
+    base_rows = [r for r in rows if r["trial"] == "base"]
+    assert len(base_rows) == 1 and [r["trial"] for r in rows].count("sampled") == 3
+    tiny = tiny_config(tmp_path)
+    assert float(base_rows[0]["train.lr"]) == tiny.train.lr
+    assert float(base_rows[0]["loss.confidence_threshold"]) == tiny.loss.confidence_threshold
     full = [r for r in rows if int(r["step"]) == 2]  # the whole budget (iterations=2)
     assert full and rows[: len(full)] == full  # trials ASHA stopped early rank after them
     assert float(rows[0]["objective"]) == min(float(r["objective"]) for r in full)
