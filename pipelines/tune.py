@@ -6,8 +6,8 @@ floors and penalty in the base config's ``train.selection``, see
 :class:`fairness.config.SelectionConfig`): the target gap, charged where semantic similarity or
 the share of faces/objects kept fall below their floors. Lowest bias among configs that keep
 the images *and* what bias is measured on.
-ASHA stops weak trials at checkpoints; the best config is the best of the trials that ran the
-whole budget. The base config's own values run as one more trial (``include_base``), so the
+ASHA stops weak trials at checkpoints; each trial counts with its best checkpoint (the one its job
+would export), and the best config is the best of the trials that ran the whole budget. The base config's own values run as one more trial (``include_base``), so the
 search returns the base unless a sampled config scores better on validation. The results table (CSV) and the best config (YAML, a complete debias config)
 land in the run directory.
 """
@@ -84,7 +84,11 @@ def _trial(params: dict[str, Any]) -> None:
 
 
 def run_tune(settings: TuneSettings, run_dir: str | Path) -> dict[str, Any]:
-    """Run the search; writes ``results.csv`` and ``best_config.yaml`` into ``run_dir``."""
+    """Run the search; writes ``results.csv`` and ``best_config.yaml`` into ``run_dir``.
+
+    A ``run_dir`` that already holds a search resumes it under the settings it started with:
+    an interrupted search goes on, a finished one is only summarised again.
+    """
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -103,32 +107,42 @@ def run_tune(settings: TuneSettings, run_dir: str | Path) -> dict[str, Any]:
         ray.init(include_dashboard=False)
     space = {**_space(settings.search), "__base": base}
     trainable = tune.with_resources(_trial, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
-    tuner = tune.Tuner(
-        trainable, param_space=space,
-        tune_config=tune.TuneConfig(
-            metric="objective", mode="min", num_samples=settings.num_samples + len(points),
-            max_concurrent_trials=settings.max_concurrent,
-            scheduler=ASHAScheduler(max_t=max(1, settings.iterations // settings.checkpoint_every),
-                                    grace_period=settings.grace_period, reduction_factor=settings.reduction_factor),
-            search_alg=tune.search.BasicVariantGenerator(points_to_evaluate=points, random_state=settings.seed),
-        ),
-        run_config=tune.RunConfig(name=f"tune-{uuid.uuid4().hex[:8]}", storage_path=str(run / "ray")),
-    )
+    storage = run / "ray"
+    previous = sorted((p for p in storage.glob("*") if tune.Tuner.can_restore(p)), key=lambda p: p.stat().st_mtime)
+    if previous:  # a search this run directory already holds: resume it (finished trials are not rerun)
+        tuner = tune.Tuner.restore(str(previous[-1]), trainable, param_space=space, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(
+                metric="objective", mode="min", num_samples=settings.num_samples + len(points),
+                scheduler=ASHAScheduler(max_t=max(1, settings.iterations // settings.checkpoint_every),
+                                        grace_period=settings.grace_period, reduction_factor=settings.reduction_factor),
+                search_alg=tune.search.BasicVariantGenerator(  # it, not TuneConfig, bounds its concurrency
+                    points_to_evaluate=points, max_concurrent=settings.max_concurrent, random_state=settings.seed),
+            ),
+            run_config=tune.RunConfig(name=f"tune-{uuid.uuid4().hex[:8]}", storage_path=str(storage)),
+        )
     grid = tuner.fit()
     rows = []
     for res in grid:
-        if res.metrics is None:
+        history = res.metrics_dataframe
+        if history is None or "objective" not in history or history["objective"].isna().all():
             continue
+        # A trial counts with its best checkpoint, the one its job would export (select_best).
+        best = history.loc[history["objective"].idxmin()]
         params = {k: v for k, v in res.config.items() if not k.startswith("__")}
-        rows.append({"trial": "base" if params == base_point else "sampled", **params,
-                     **{k: res.metrics.get(k) for k in ("objective", *_VAL_KEYS, "step")}})
+        rows.append({"trial_id": res.metrics["trial_id"], "trial": "base" if params == base_point else "sampled",
+                     **params,
+                     **{k: float(best[k]) for k in ("objective", *_VAL_KEYS)},
+                     "best_step": int(best["step"]), "steps_run": int(history["step"].max())})
     if not rows:
         raise RuntimeError("no Tune trial reported a result")
     # Trials that ran the whole budget come first, best objective first. ASHA stopped the others
-    # at a rung, and their last score is not comparable: on the toy world the objective can
-    # worsen with training (objects get lost), so a trial stopped after 20 iterations, barely
-    # changed, would otherwise outrank every trial that trained.
-    rows.sort(key=lambda r: (-(r["step"] or 0), r["objective"]))
+    # at a rung, and their scores are not comparable: on the toy world the objective can worsen
+    # with training (objects get lost), so a trial stopped after 20 iterations, barely changed,
+    # would otherwise outrank every trial that trained.
+    rows.sort(key=lambda r: (-r["steps_run"], r["objective"], r["trial_id"]))  # id: ties in a stable order
     with (run / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

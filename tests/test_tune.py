@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -37,12 +38,22 @@ def test_tune_writes_results_and_a_loadable_best_config(tmp_path, ray_session):
     tiny = tiny_config(tmp_path)
     assert float(base_rows[0]["train.lr"]) == tiny.train.lr
     assert float(base_rows[0]["loss.confidence_threshold"]) == tiny.loss.confidence_threshold
-    full = [r for r in rows if int(r["step"]) == 2]  # the whole budget (iterations=2)
+    full = [r for r in rows if int(r["steps_run"]) == 2]  # the whole budget (iterations=2)
     assert full and rows[: len(full)] == full  # trials ASHA stopped early rank after them
+    for r in rows:  # each trial's objective is its best checkpoint's, as its job would export
+        history = [json.loads(line) for line in
+                   open(next((tmp_path / "tune" / "ray").glob(f"*/*{r['trial_id']}*/result.json")))]
+        assert float(r["objective"]) == pytest.approx(min(h["objective"] for h in history))
     assert float(rows[0]["objective"]) == min(float(r["objective"]) for r in full)
     best = load_config(out["best_config"])
     assert best.train.lr == pytest.approx(float(rows[0]["train.lr"]))
     assert best.train.iterations == tiny_config(tmp_path).train.iterations  # the base budget, not the trial's
+
+    # the same run directory again resumes the finished search: nothing reruns, same summary
+    trial_dirs = sorted((tmp_path / "tune" / "ray").glob("*/_trial*"))
+    again = run_tune(settings, tmp_path / "tune")
+    assert sorted((tmp_path / "tune" / "ray").glob("*/_trial*")) == trial_dirs
+    assert list(csv.DictReader(open(again["results"]))) == rows
 
 
 def test_unknown_search_key_fails_before_ray_starts(tmp_path):
