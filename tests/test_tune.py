@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +67,37 @@ def test_unknown_search_key_fails_before_ray_starts(tmp_path):
     settings = TuneSettings(base=str(base), search={"loss.lamda": {"uniform": [0, 1]}})
     with pytest.raises(Exception, match="lamda"):
         run_tune(settings, tmp_path / "tune")
+
+
+def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, ray_session):
+    """A search killed mid-way goes on from the run directory: no trial reruns from scratch."""
+    base = tmp_path / "base.yaml"
+    base.write_text(tiny_config(tmp_path).to_yaml())
+    settings = {"base": str(base), "num_samples": 2, "max_concurrent": 1, "iterations": 4, "checkpoint_every": 1,
+                "grace_period": 4, "search": {"train.lr": {"loguniform": [1e-4, 1e-2]}}}
+    run_dir = tmp_path / "tune"
+    script = tmp_path / "search.py"
+    script.write_text(
+        "import sys, ray\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent.parent)!r})\n"
+        "from pipelines.tune import TuneSettings, run_tune\n"
+        "ray.init(address='local', num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+        f"run_tune(TuneSettings.model_validate({settings!r}), {str(run_dir)!r})\n")
+
+    def reports() -> int:
+        return sum(len(p.read_text().splitlines()) for p in run_dir.glob("ray/*/_trial*/result.json"))
+
+    proc = subprocess.Popen([sys.executable, str(script)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while reports() < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    proc.wait()
+    assert 2 <= reports() < 3 * 4 and not (run_dir / "results.csv").exists()  # stopped part-way
+
+    out = run_tune(TuneSettings.model_validate(settings), run_dir)
+    rows = list(csv.DictReader(open(out["results"])))
+    assert len(rows) == 3 and {int(r["steps_run"]) for r in rows} == {4}
+    for log in run_dir.glob("ray/*/_trial*/run/log.jsonl"):  # each step trained once: resumed, not restarted
+        assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
