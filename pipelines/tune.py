@@ -6,10 +6,11 @@ floors and penalty in the base config's ``train.selection``, see
 :class:`fairness.config.SelectionConfig`): the target gap, charged where semantic similarity or
 the share of faces/objects kept fall below their floors. Lowest bias among configs that keep
 the images *and* what bias is measured on.
-ASHA stops weak trials at checkpoints; each trial counts with its best checkpoint (the one its job
-would export), and the best config is the best of the trials that ran the whole budget. The base config's own values run as one more trial (``include_base``), so the
-search returns the base unless a sampled config scores better on validation. The results table (CSV) and the best config (YAML, a complete debias config)
-land in the run directory.
+ASHA stops weak trials at checkpoints; each trial counts with its best checkpoint (the one its
+job would export), and the best config is the best of the trials that ran the whole budget. The
+base config's own values run as one more trial (``include_base``), so the search returns the
+base unless a sampled config scores better on validation. The results table (CSV) and the best
+config (YAML, a complete debias config) land in the run directory.
 """
 
 from __future__ import annotations
