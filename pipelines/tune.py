@@ -109,9 +109,10 @@ def run_tune(settings: TuneSettings, run_dir: str | Path) -> dict[str, Any]:
     space = {**_space(settings.search), "__base": base}
     trainable = tune.with_resources(_trial, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
     storage = run / "ray"
-    previous = sorted((p for p in storage.glob("*") if tune.Tuner.can_restore(p)), key=lambda p: p.stat().st_mtime)
+    previous = max((p for p in storage.glob("*") if tune.Tuner.can_restore(p)), key=lambda p: p.stat().st_mtime,
+                   default=None)
     if previous:  # a search this run directory already holds: resume it (finished trials are not rerun)
-        tuner = tune.Tuner.restore(str(previous[-1]), trainable, param_space=space, resume_errored=True)
+        tuner = tune.Tuner.restore(str(previous), trainable, param_space=space, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable, param_space=space,

@@ -29,8 +29,9 @@ def test_best_config_diffs_against_the_base_only_where_the_search_changed_it():
 
 
 def test_tune_writes_results_and_a_loadable_best_config(tmp_path, ray_session):
+    tiny = tiny_config(tmp_path)
     base = tmp_path / "base.yaml"
-    base.write_text(tiny_config(tmp_path).to_yaml())
+    base.write_text(tiny.to_yaml())
     settings = TuneSettings(base=str(base), num_samples=3, max_concurrent=2, iterations=2, checkpoint_every=1,
                             search={"train.lr": {"loguniform": [1e-4, 1e-2]}, "loss.img.lambda1": {"uniform": [1, 10]},
                                     "loss.confidence_threshold": {"uniform": [0.5, 0.9]}})
@@ -40,7 +41,6 @@ def test_tune_writes_results_and_a_loadable_best_config(tmp_path, ray_session):
     # the base config's own values ran as a trial, beside the three sampled ones
     base_rows = [r for r in rows if r["trial"] == "base"]
     assert len(base_rows) == 1 and [r["trial"] for r in rows].count("sampled") == 3
-    tiny = tiny_config(tmp_path)
     assert float(base_rows[0]["train.lr"]) == tiny.train.lr
     assert float(base_rows[0]["loss.confidence_threshold"]) == tiny.loss.confidence_threshold
     full = [r for r in rows if int(r["steps_run"]) == 2]  # the whole budget (iterations=2)
@@ -52,7 +52,7 @@ def test_tune_writes_results_and_a_loadable_best_config(tmp_path, ray_session):
     assert float(rows[0]["objective"]) == min(float(r["objective"]) for r in full)
     best = load_config(out["best_config"])
     assert best.train.lr == pytest.approx(float(rows[0]["train.lr"]))
-    assert best.train.iterations == tiny_config(tmp_path).train.iterations  # the base budget, not the trial's
+    assert best.train.iterations == tiny.train.iterations  # the base budget, not the trial's
 
     # the same run directory again resumes the finished search: nothing reruns, same summary
     trial_dirs = sorted((tmp_path / "tune" / "ray").glob("*/_trial*"))
