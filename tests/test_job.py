@@ -43,7 +43,7 @@ def test_job_writes_metrics_and_a_complete_report(tmp_path):
     parser.feed(result.report_path.read_text())
     figures = {p.stem for p in (tmp_path / "run" / "figures").glob("*.png")}
     assert figures == set(parser.images)
-    assert {"bias_test", "freq_test_gender", "freq_test_race", "grid_test_0", "losses", "faces", "validation"} <= figures
+    assert {"bias_test", "freq_test_gender", "freq_test_race", "grid_test_0", "losses", "faces", "alignment", "validation"} <= figures
     for src in parser.images.values():
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"

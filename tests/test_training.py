@@ -98,7 +98,23 @@ def test_joint_and_conditional_targets_train(tmp_path):
     cfg = tiny_config(tmp_path, target={"joint": {"attributes": ["gender", "race"], "probs": "uniform"}},
                       loss__confidence_threshold={"gender": 0.6, "race": 0.3}, train__iterations=2)
     row = Trainer(cfg, tmp_path / "run", progress=False).train_step()
-    assert row["loss/align"] >= 0 and "confident/race" in row
+    assert row["loss/align"] >= 0
+    for attr in ("gender", "race"):  # the images moved are among those counted
+        assert 0 <= row[f"pushed/{attr}"] <= row[f"confident/{attr}"] <= 1
+
+
+def test_pushed_counts_the_images_whose_target_is_not_the_class_seen(tmp_path):
+    """Against an all-male and then an all-female target every image found is confidently
+    targeted, and each is pushed by exactly one of the two: the two pushed shares add up to
+    the share of the batch with a face."""
+    rows = []
+    for cls in ("male", "female"):
+        probs = {"male": float(cls == "male"), "female": float(cls == "female")}
+        cfg = tiny_config(tmp_path, target={"marginals": {"gender": probs}}, train__iterations=1)
+        rows.append(Trainer(cfg, tmp_path / f"run_{cls}", progress=False).train_step())
+    assert rows[0]["faces"] == rows[1]["faces"] > 0
+    assert rows[0]["confident/gender"] == rows[1]["confident/gender"] == rows[0]["faces"]
+    assert rows[0]["pushed/gender"] + rows[1]["pushed/gender"] == pytest.approx(rows[0]["faces"])
 
 
 def test_loss_falls_on_a_fixed_batch(tmp_path):

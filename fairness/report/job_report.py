@@ -114,13 +114,20 @@ def write_job_report(run_dir: Path, cfg: DebiasConfig, groups: list[TargetGroup]
     log = run.read_rows(run.log_path)
     if log:
         face_keys = _logged(log, ("faces", "faces_lost"))
+        attributes = [a for g in groups for a in g.attributes]
+        pressure_keys = _logged(log, tuple(f"{kind}/{a}" for kind in ("confident", "pushed") for a in attributes))
         sections.append(Section(
             title="Training losses",
             text="faces: share of each training batch with a detected face/object. faces_lost: share whose "
                  "original had one and which has none; such images leave the alignment loss, so a rising "
-                 "curve means the adapter erases rather than edits (loss.lost_face_weight).",
+                 "curve means the adapter erases rather than edits (loss.lost_face_weight). "
+                 "confident/<attribute>: share of the batch whose target reaches the confidence threshold, "
+                 "the images the alignment loss counts; pushed/<attribute>: those of them whose target "
+                 "differs from the class the training classifier sees, the images it is moving. A batch "
+                 "inside the tolerance band gets none pushed.",
             images=[plot_loss_curves(log, figs / "losses.png")]
-            + ([plot_loss_curves(log, figs / "faces.png", keys=face_keys)] if face_keys else [])))
+            + ([plot_loss_curves(log, figs / "faces.png", keys=face_keys)] if face_keys else [])
+            + ([plot_loss_curves(log, figs / "alignment.png", keys=pressure_keys)] if pressure_keys else [])))
     val = run.read_rows(run.val_path)
     val_keys = _logged(val, ("val_score", "val_target_gap", "val_semantic_sim", "val_objects_kept"))
     if val_keys:

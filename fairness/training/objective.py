@@ -139,5 +139,10 @@ class Objective:
         logs["faces"] = float(found.float().mean())
         logs["faces_lost"] = float(lost.float().mean())
         for a, t in targets.items():
-            logs[f"confident/{a}"] = float(confident_mask(t, self.cfg.threshold(a), torch.device("cpu")).float().mean())
+            # confident: the images the alignment loss counts; pushed: those of them whose target is
+            # not the class the classifier sees now, i.e. the images the loss is actually moving.
+            counted = confident_mask(t, self.cfg.threshold(a), torch.device("cpu")).numpy()
+            seen = logits[a].detach().argmax(-1).cpu().numpy()
+            logs[f"confident/{a}"] = float(counted.mean())
+            logs[f"pushed/{a}"] = float((counted & (t.targets != seen)).mean())
         return LossOutput(total=total, logs=logs, targets=targets)
