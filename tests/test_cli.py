@@ -76,6 +76,17 @@ def test_debias_export_generate_audit(tmp_path, capsys):
     assert train["summary"]["semantics"] == summary["semantics"]  # the same images
     for row in train["sets"]["audit"]["after"]["prompts"]:
         assert row["freq"]["gender"] == [float(i == forced) for i in range(len(eval_freq))]
+    assert train["summary"]["agreement"] == {}  # one classifier: nothing to compare
+    # The default audit reports how often the training classifier agrees with the evaluation
+    # one; the forced classifier always names `forced`, so it agrees exactly where the
+    # evaluation classifier sees that class.
+    assert main(["audit", "--model", cfg.model.path, "--adapter", str(run / "adapter"), "--perception", cfg.perception,
+                 "--prompts", str(prompts), "--images-per-prompt", "4", "--seed", "0", "--steps", "3",
+                 "--out", str(tmp_path / "audit_agree"), "--quiet"]) == 0
+    agree = json.loads((tmp_path / "audit_agree" / "metrics.json").read_text())
+    for row in agree["sets"]["audit"]["after"]["prompts"]:
+        assert row["agreement"]["gender"] == row["freq"]["gender"][forced]
+    assert "agreement.gender" in (tmp_path / "audit_agree" / "metrics_audit.csv").read_text().splitlines()[0]
 
 
 def test_bad_inputs_fail_with_clear_messages(tmp_path, capsys):

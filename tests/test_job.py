@@ -48,6 +48,9 @@ def test_job_writes_metrics_and_a_complete_report(tmp_path):
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert any("Group frequencies" in h for h in parser.headings)
+    agreement = metrics["summary"]["agreement"]  # the tiny bundle's two classifiers are distinct networks
+    assert set(agreement) == {"gender", "race"} and all(0 <= v["mean"] <= 1 for v in agreement.values())
+    assert "training vs evaluation classifier" in result.report_path.read_text()
     from fairness.report.results import markdown_table
 
     table = markdown_table([tmp_path / "run"]).splitlines()

@@ -3,7 +3,9 @@
 For every prompt, ``images_per_prompt`` images are generated from noise keyed by (seed, prompt,
 index) and classified by the *evaluation* classifier on the largest region. When an
 ``originals`` generator is given (the frozen model), its images from the same noise give
-CLIP-I / DINO similarities; CLIP-T compares each image with its prompt.
+CLIP-I / DINO similarities; CLIP-T compares each image with its prompt. Where the bundle's
+training classifier is another network, the audit also reports how often it names the same
+class as the evaluation one on the objects found (``agreement``).
 """
 
 from __future__ import annotations
@@ -62,12 +64,27 @@ def audit_groups(attributes: dict[str, list[str]], joints: Sequence[str] | None 
 
 
 @torch.no_grad()
-def _perceive(bundle: PerceptionBundle, images: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
+def _perceive(bundle: PerceptionBundle, images: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict[str, torch.Tensor], dict[str, float]]:
+    """Evaluation-classifier probabilities on the largest region, its box, whether one was
+    found, the logits, and the classifiers' agreement on the regions found."""
     clf = bundle.eval_classifier
     regions = detect_largest(bundle.detector, images)
     logits = clf(square_crop(images, regions, clf.input_size))
     probs = {a: v.softmax(-1).float().cpu().numpy() for a, v in logits.items()}
-    return probs, regions.boxes.cpu().numpy(), regions.found.cpu().numpy(), logits
+    found = regions.found.cpu().numpy()
+    agreement: dict[str, float] = {}
+    train = bundle.train_classifier
+    if train is not clf and found.any():
+        # Where the training classifier names another class than the evaluation one, a target
+        # met for the loss is not met for the audit: low before debiasing, the two disagree on
+        # what the generator draws; falling after it, the adapter moved the training
+        # classifier rather than the attribute (the paper's Fig. 5b).
+        train_logits = train(square_crop(images, regions, train.input_size))
+        for a in clf.attributes:
+            if a in train_logits:
+                same = train_logits[a].argmax(-1).cpu().numpy() == logits[a].argmax(-1).cpu().numpy()
+                agreement[a] = float(same[found].mean())
+    return probs, regions.boxes.cpu().numpy(), found, logits, agreement
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
@@ -106,10 +123,10 @@ def audit(
             if originals is not None:
                 origs.append(originals([prompt] * len(idx), noise).to(device))
         images = torch.cat(imgs)
-        probs, boxes, found, logits = _perceive(bundle, images)
+        probs, boxes, found, logits, agreement = _perceive(bundle, images)
         classes = {a: np.where(found, probs[a].argmax(1), -1) for a in attrs}
         row: dict[str, Any] = {"prompt": prompt, "images": len(images), "faces": int(found.sum()),
-                               "freq": {}, "bias": {}, "semantics": {}}
+                               "freq": {}, "bias": {}, "semantics": {}, "agreement": agreement}
         for g in groups:
             name = "*".join(g)
             k = int(np.prod([sizes[a] for a in g]))
@@ -134,7 +151,7 @@ def audit(
                 enc = bundle.encoders[enc_name]
                 sem[metric] = float(_cos(enc(images), enc(original_images)).mean())
             if keep_images:
-                o_probs, o_boxes, o_found, _ = _perceive(bundle, original_images)
+                o_probs, o_boxes, o_found, _, _ = _perceive(bundle, original_images)
                 kept_orig.append(PromptImages(prompt, original_images.cpu(), o_probs, o_boxes, o_found))
         if keep_images:
             kept.append(PromptImages(prompt, images.cpu(), probs, boxes, found))
@@ -147,6 +164,9 @@ def audit(
         "semantics": {m: mean_std([r["semantics"][m] for r in rows if m in r["semantics"]])
                       for m in sorted({m for r in rows for m in r["semantics"]})},
         "faces": mean_std([r["faces"] / r["images"] for r in rows]),
+        # Share of detected objects on which the training classifier agrees with the evaluation one.
+        "agreement": {a: mean_std([r["agreement"][a] for r in rows if a in r["agreement"]])
+                      for a in attrs if any(a in r["agreement"] for r in rows)},
         "prompts": len(rows),
         "images_per_prompt": images_per_prompt,
         "seed": seed,
@@ -164,5 +184,6 @@ def rows_to_csv_records(result: AuditResult) -> list[dict[str, Any]]:
             if "*" not in name:
                 rec.update({f"freq.{name}.{c}": x for c, x in zip(result.attributes[name], f)})
         rec.update({f"semantics.{k}": v for k, v in r["semantics"].items()})
+        rec.update({f"agreement.{k}": v for k, v in r.get("agreement", {}).items()})
         out.append(rec)
     return out

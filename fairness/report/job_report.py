@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from fairness.config import DebiasConfig
 from fairness.metrics.audit import AuditResult, PromptImages
 from fairness.report.grids import before_after_grid
-from fairness.report.html import Section, format_text_table, paper_table, write_report
+from fairness.report.html import Section, Table, format_text_table, paper_table, write_report
 from fairness.report.plots import plot_bias_summary, plot_group_frequencies, plot_loss_curves
 from fairness.targets.assignment import binary_tolerance
 from fairness.targets.distributions import TargetGroup
@@ -56,6 +56,20 @@ def _summary_tables(before: Mapping[str, AuditResult], after: Mapping[str, Audit
     return tables
 
 
+def _agreement_tables(before: Mapping[str, AuditResult], after: Mapping[str, AuditResult]) -> list[Table]:
+    """Per prompt set, how often the training classifier names the evaluation classifier's class."""
+    tables = []
+    for name, res in after.items():
+        attrs = list(res.summary.get("agreement", {}))
+        if attrs:
+            rows = [[model, *[summary.get("agreement", {}).get(a) for a in attrs]]
+                    for model, summary in (("original", before[name].summary), ("debiased", res.summary))]
+            tables.append(Table(columns=["model", *attrs], rows=rows,
+                                caption=f"{name}: training vs evaluation classifier, share of objects found on which "
+                                        "they name the same class (mean ± std over prompts)"))
+    return tables
+
+
 def paper_table_text(before: Mapping[str, AuditResult], after: Mapping[str, AuditResult]) -> str:
     """The paper-style tables, one per evaluated prompt set, as aligned text."""
     return "\n\n".join(format_text_table(t) for t in _summary_tables(before, after))
@@ -79,11 +93,14 @@ def write_job_report(run_dir: Path, cfg: DebiasConfig, groups: list[TargetGroup]
               f"{cfg.train.iterations} iterations of {cfg.train.images_per_prompt} images. "
               f"Bias is the paper's metric (mean over class pairs of |freq_i - freq_j|), measured with the "
               f"evaluation classifier on {cfg.audit_images_per_prompt} images per prompt from the same noise "
-              f"before and after."),
+              f"before and after. The agreement tables say how often the training classifier, the one the "
+              f"loss pushes, names the same class: low before debiasing, the two read the generator's images "
+              f"differently, so a target met for one is not met for the other; lower after it, the adapter "
+              f"moved the training classifier rather than the attribute."),
         images=[plot_bias_summary({k: {"before": before[n].summary["bias"][k]["mean"], "after": v["mean"]}
                                    for k, v in after[n].summary["bias"].items()}, figs / f"bias_{n}.png")
                 for n in after],
-        tables=_summary_tables(before, after),
+        tables=_summary_tables(before, after) + _agreement_tables(before, after),
     )]
     for name, res in after.items():
         images = []
