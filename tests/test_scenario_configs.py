@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fairness.config import load_config
@@ -29,3 +30,13 @@ def test_conditional_scenario_targets_25_percent_striped():
     cfg = load_config(CONFIGS[0].parent / "s4_joint_conditional.yaml")
     (group,) = TargetSpec.from_dict(cfg.target).compile(ATTRIBUTES)
     assert group.marginal("pattern")[1] == pytest.approx(0.25)
+
+
+def test_the_marginal_ablation_of_s4_targets_the_same_law():
+    """s4_pattern_marginal aligns pattern on its own; the law it targets is s4's product law."""
+    (joint,) = TargetSpec.from_dict(load_config(CONFIGS[0].parent / "s4_joint_conditional.yaml").target).compile(ATTRIBUTES)
+    groups = {g.name: g for g in TargetSpec.from_dict(
+        load_config(CONFIGS[0].parent / "s4_pattern_marginal.yaml").target).compile(ATTRIBUTES)}
+    assert set(groups) == {"pattern", "tone*color"} and joint.attributes == ("tone", "color", "pattern")
+    product = np.multiply.outer(groups["tone*color"].probs, groups["pattern"].probs)
+    np.testing.assert_allclose(product, joint.probs)

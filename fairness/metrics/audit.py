@@ -77,8 +77,9 @@ def _perceive(bundle: PerceptionBundle, images: torch.Tensor) -> tuple[dict[str,
     if train is not clf and found.any():
         # Where the training classifier names another class than the evaluation one, a target
         # met for the loss is not met for the audit: low before debiasing, the two disagree on
-        # what the generator draws; falling after it, the adapter moved the training
-        # classifier rather than the attribute (the paper's Fig. 5b).
+        # what the generator draws; falling after it, the adapter draws objects they read
+        # differently, and on a targeted attribute it may have moved the training classifier
+        # rather than the attribute (the paper's Fig. 5b).
         train_logits = train(square_crop(images, regions, train.input_size))
         for a in clf.attributes:
             if a in train_logits:

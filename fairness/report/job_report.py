@@ -96,7 +96,8 @@ def write_job_report(run_dir: Path, cfg: DebiasConfig, groups: list[TargetGroup]
               f"before and after. The agreement tables say how often the training classifier, the one the "
               f"loss pushes, names the same class: low before debiasing, the two read the generator's images "
               f"differently, so a target met for one is not met for the other; lower after it, the adapter "
-              f"moved the training classifier rather than the attribute."),
+              f"draws objects the two read differently, and on a targeted attribute it may have moved the "
+              f"training classifier rather than the attribute."),
         images=[plot_bias_summary({k: {"before": before[n].summary["bias"][k]["mean"], "after": v["mean"]}
                                    for k, v in after[n].summary["bias"].items()}, figs / f"bias_{n}.png")
                 for n in after],
