@@ -162,6 +162,19 @@ def cmd_toyworld_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_toyworld_fidelity(args: argparse.Namespace) -> int:
+    import torch
+
+    from fairness.toyworld.build import remeasure_fidelity
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = remeasure_fidelity(Path(args.assets), Path(args.out), images_per_concept=args.images_per_concept,
+                                seed=args.seed, device=args.device, progress=not args.quiet)
+    print(json.dumps({"summary": report["summary"], "measured": report["measured"]}, indent=2))
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="toyworld", help="hub id, diffusers folder, or 'toyworld' (default)")
     p.add_argument("--adapter", default=None, help="adapter folder exported by `fairness debias`/`export`")
@@ -232,6 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-perception", action="store_true", help="reuse an existing perception bundle")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_toyworld_build)
+    p = tw.add_parser("fidelity", help="measure a built toy world's fidelity again, without training")
+    p.add_argument("--assets", default=str(Path(__file__).parent / "toyworld" / "assets"),
+                   help="a built world: the folder holding sd/ and perception/ (default: the shipped one)")
+    p.add_argument("--out", required=True, help="report JSON; the build's training figures in it are kept")
+    p.add_argument("--images-per-concept", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_toyworld_fidelity)
 
     for name, help_text in (
         ("bank", "build an originals bank with Ray Data"),

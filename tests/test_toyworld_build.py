@@ -10,15 +10,16 @@ import torch
 from diffusers import StableDiffusionPipeline
 from scipy.stats import binom
 
+from fairness.cli import main
 from fairness.perception.bundle import load_bundle
 from fairness.toyworld import default_model_dir, default_perception_dir, world
-from fairness.toyworld.build import build_toyworld, concept_prompts, generate, perceive
+from fairness.toyworld.build import build_toyworld, concept_prompts, generate, perceive, score_concept
 from fairness.toyworld.diffusion import DEFAULTS_FILE
 
 PER_SHAPE = 12
 
 
-def test_quick_build_writes_a_loadable_pipeline_and_a_report(tmp_path):
+def test_quick_build_writes_a_loadable_pipeline_and_a_report(tmp_path, capsys):
     report = build_toyworld(tmp_path, quick=True, device="cpu", progress=False)
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "sd"))
     pipe.set_progress_bar_config(disable=True)
@@ -27,9 +28,33 @@ def test_quick_build_writes_a_loadable_pipeline_and_a_report(tmp_path):
     on_disk = json.loads((tmp_path / "fidelity.json").read_text())
     assert on_disk["summary"].keys() == report["summary"].keys() >= {"train", "val", "test", "scenery"}
     assert set(on_disk["summary"]["train"]) == {"concepts", "generated", "rendered", "law"}
+    for source in ("generated", "rendered"):  # NaN where the smoke build's detector found no object
+        agreement = on_disk["summary"]["train"][source]["classifier_agreement"]
+        assert set(agreement) == set(world.ATTRIBUTES) and all(v != v or 0 <= v <= 1 for v in agreement.values())
     assert (tmp_path / "perception" / "bundle.json").exists()
     defaults = json.loads((tmp_path / "sd" / DEFAULTS_FILE).read_text())
     assert set(defaults) == {"num_inference_steps", "guidance_scale", "image_size"}
+
+    # Measuring the built world again keeps the build's training figures and adds its own timing.
+    assert main(["toyworld", "fidelity", "--assets", str(tmp_path), "--out", str(tmp_path / "fidelity.json"),
+                 "--images-per-concept", "1", "--quiet"]) == 0
+    again = json.loads((tmp_path / "fidelity.json").read_text())
+    assert again["training"] == on_disk["training"] and again["sampling"]["images_per_concept"] == 1
+    assert len(again["concepts"]) == len(world.concepts()) and again["measured"]["seconds"] > 0
+    assert main(["toyworld", "fidelity", "--assets", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.json")]) == 2
+    assert "no toy-world model" in capsys.readouterr().err
+
+
+def test_classifier_agreement_counts_the_objects_both_classifiers_read_alike():
+    concept = next(c for c in world.concepts() if c.has_objects)
+    classes = {"shape": world.SHAPES, **world.ATTRIBUTES}
+    found = np.array([True, True, True, True, False])
+    seen = {a: np.zeros(5, dtype=int) for a in classes} | {"found": found}
+    seen_train = {a: np.zeros(5, dtype=int) for a in classes} | {"found": found}
+    seen_train["pattern"] = np.array([0, 1, 1, 0, 1])  # differs on two of the four objects found
+    seen_train["tone"] = np.array([0, 0, 0, 0, 1])  # differs only where nothing was found
+    agreement = score_concept(concept, seen, classes, seen_train)["agreement"]
+    assert agreement == {"tone": 1.0, "color": 1.0, "pattern": 0.5}
 
 
 @pytest.fixture(scope="module")
