@@ -17,7 +17,7 @@ from tests.helpers import PROMPTS, tiny_config
 
 
 def test_help_everywhere():
-    for cmd in ([], ["job"], ["debias"], ["audit"], ["generate"], ["export"], ["toyworld", "build"]):
+    for cmd in ([], ["job"], ["debias"], ["audit"], ["generate"], ["export"], ["toyworld", "build"], ["toyworld", "fidelity"]):
         out = subprocess.run([sys.executable, "-m", "fairness.cli", *cmd, "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "usage: fairness" in out.stdout
 
