@@ -133,7 +133,7 @@ def write_job_report(run_dir: Path, cfg: DebiasConfig, groups: list[TargetGroup]
     if log:
         face_keys = _logged(log, ("faces", "faces_lost"))
         attributes = [a for g in groups for a in g.attributes]
-        pressure_keys = _logged(log, tuple(f"{kind}/{a}" for kind in ("confident", "pushed") for a in attributes))
+        pressure_keys = _logged(log, tuple(f"{kind}/{a}" for a in attributes for kind in ("confident", "pushed")))
         sections.append(Section(
             title="Training losses",
             text="faces: share of each training batch with a detected face/object. faces_lost: share whose "
