@@ -63,6 +63,12 @@ def audit_groups(attributes: dict[str, list[str]], joints: Sequence[str] | None 
     return [(a,) for a in names] + combos
 
 
+def agreement(classes: np.ndarray, other: np.ndarray, found: np.ndarray) -> float:
+    """Share of the objects found on which two classifiers name the same class (NaN if none)."""
+    found = np.asarray(found, dtype=bool)
+    return float(np.mean(np.asarray(classes)[found] == np.asarray(other)[found])) if found.any() else float("nan")
+
+
 @torch.no_grad()
 def _perceive(bundle: PerceptionBundle, images: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict[str, torch.Tensor], dict[str, float]]:
     """Evaluation-classifier probabilities on the largest region, its box, whether one was
@@ -72,7 +78,7 @@ def _perceive(bundle: PerceptionBundle, images: torch.Tensor) -> tuple[dict[str,
     logits = clf(square_crop(images, regions, clf.input_size))
     probs = {a: v.softmax(-1).float().cpu().numpy() for a, v in logits.items()}
     found = regions.found.cpu().numpy()
-    agreement: dict[str, float] = {}
+    agreed: dict[str, float] = {}
     train = bundle.train_classifier
     if train is not clf and found.any():
         # Where the training classifier names another class than the evaluation one, a target
@@ -83,9 +89,8 @@ def _perceive(bundle: PerceptionBundle, images: torch.Tensor) -> tuple[dict[str,
         train_logits = train(square_crop(images, regions, train.input_size))
         for a in clf.attributes:
             if a in train_logits:
-                same = train_logits[a].argmax(-1).cpu().numpy() == logits[a].argmax(-1).cpu().numpy()
-                agreement[a] = float(same[found].mean())
-    return probs, regions.boxes.cpu().numpy(), found, logits, agreement
+                agreed[a] = agreement(logits[a].argmax(-1).cpu().numpy(), train_logits[a].argmax(-1).cpu().numpy(), found)
+    return probs, regions.boxes.cpu().numpy(), found, logits, agreed
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
@@ -124,10 +129,10 @@ def audit(
             if originals is not None:
                 origs.append(originals([prompt] * len(idx), noise).to(device))
         images = torch.cat(imgs)
-        probs, boxes, found, logits, agreement = _perceive(bundle, images)
+        probs, boxes, found, logits, agreed = _perceive(bundle, images)
         classes = {a: np.where(found, probs[a].argmax(1), -1) for a in attrs}
         row: dict[str, Any] = {"prompt": prompt, "images": len(images), "faces": int(found.sum()),
-                               "freq": {}, "bias": {}, "semantics": {}, "agreement": agreement}
+                               "freq": {}, "bias": {}, "semantics": {}, "agreement": agreed}
         for g in groups:
             name = "*".join(g)
             k = int(np.prod([sizes[a] for a in g]))

@@ -15,13 +15,14 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
+from fairness.metrics.audit import agreement
 from fairness.metrics.bias import bias, frequencies, total_variation
 from fairness.perception.bundle import PerceptionBundle, load_bundle
 from fairness.perception.regions import detect_largest, square_crop
@@ -77,7 +78,7 @@ def render_reference(items: list[tuple[str, int]], seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def perceive(bundle: PerceptionBundle, images: torch.Tensor, batch: int = 512,
-             classifier: str = "eval") -> dict[str, np.ndarray]:
+             classifier: Literal["eval", "train"] = "eval") -> dict[str, np.ndarray]:
     """Per image, the evaluation (or ``"train"``-ing) classifier's class index for every head
     (``-1`` where the detector finds no object), plus ``found``: the path the audit reads
     images through."""
@@ -118,8 +119,7 @@ def score_concept(concept: world.Concept, seen: dict[str, np.ndarray], classes: 
     if not concept.has_objects:
         return out
     if seen_train is not None:
-        out["agreement"] = {a: float(np.mean(seen[a][found] == seen_train[a][found])) if found.any() else float("nan")
-                            for a in world.ATTRIBUTES}
+        out["agreement"] = {a: agreement(seen[a], seen_train[a], found) for a in world.ATTRIBUTES}
     out["semantic_accuracy"] = float(np.mean(seen["shape"][found] == classes["shape"].index(concept.shape))) \
         if found.any() else float("nan")
     law = world.attribute_distribution(concept)
