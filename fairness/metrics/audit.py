@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fairness.metrics.bias import bias, frequencies, joint_classes, mean_bias_floor, mean_std
+from fairness.perception.base import Regions
 from fairness.perception.bundle import PerceptionBundle
 from fairness.perception.regions import detect_largest, square_crop
 from fairness.seeding import image_noise
@@ -70,27 +71,33 @@ def agreement(classes: np.ndarray, other: np.ndarray, found: np.ndarray) -> floa
 
 
 @torch.no_grad()
-def _perceive(bundle: PerceptionBundle, images: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict[str, torch.Tensor], dict[str, float]]:
-    """Evaluation-classifier probabilities on the largest region, its box, whether one was
-    found, the logits, and the classifiers' agreement on the regions found."""
+def _perceive(bundle: PerceptionBundle, images: torch.Tensor) -> tuple[dict[str, np.ndarray], Regions, dict[str, torch.Tensor]]:
+    """Evaluation-classifier probabilities on the largest region, the regions, and the logits."""
     clf = bundle.eval_classifier
     regions = detect_largest(bundle.detector, images)
     logits = clf(square_crop(images, regions, clf.input_size))
     probs = {a: v.softmax(-1).float().cpu().numpy() for a, v in logits.items()}
-    found = regions.found.cpu().numpy()
-    agreed: dict[str, float] = {}
-    train = bundle.train_classifier
-    if train is not clf and found.any():
-        # Where the training classifier names another class than the evaluation one, a target
-        # met for the loss is not met for the audit: low before debiasing, the two disagree on
-        # what the generator draws; falling after it, the adapter draws objects they read
-        # differently, and on a targeted attribute it may have moved the training classifier
-        # rather than the attribute (the paper's Fig. 5b).
-        train_logits = train(square_crop(images, regions, train.input_size))
-        for a in clf.attributes:
-            if a in train_logits:
-                agreed[a] = agreement(logits[a].argmax(-1).cpu().numpy(), train_logits[a].argmax(-1).cpu().numpy(), found)
-    return probs, regions.boxes.cpu().numpy(), found, logits, agreed
+    return probs, regions, logits
+
+
+@torch.no_grad()
+def _classifier_agreement(bundle: PerceptionBundle, images: torch.Tensor, regions: Regions,
+                          logits: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per attribute, :func:`agreement` of the training classifier with the evaluation one's
+    ``logits`` on the same regions; empty when the two are one network or nothing was found.
+
+    Where the training classifier names another class than the evaluation one, a target met
+    for the loss is not met for the audit: low before debiasing, the two disagree on what the
+    generator draws; falling after it, the adapter draws objects they read differently, and on
+    a targeted attribute it may have moved the training classifier rather than the attribute
+    (the paper's Fig. 5b).
+    """
+    train, found = bundle.train_classifier, regions.found.cpu().numpy()
+    if train is bundle.eval_classifier or not found.any():
+        return {}
+    train_logits = train(square_crop(images, regions, train.input_size))
+    return {a: agreement(logits[a].argmax(-1).cpu().numpy(), train_logits[a].argmax(-1).cpu().numpy(), found)
+            for a in bundle.eval_classifier.attributes if a in train_logits}
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
@@ -129,7 +136,9 @@ def audit(
             if originals is not None:
                 origs.append(originals([prompt] * len(idx), noise).to(device))
         images = torch.cat(imgs)
-        probs, boxes, found, logits, agreed = _perceive(bundle, images)
+        probs, regions, logits = _perceive(bundle, images)
+        boxes, found = regions.boxes.cpu().numpy(), regions.found.cpu().numpy()
+        agreed = _classifier_agreement(bundle, images, regions, logits)
         classes = {a: np.where(found, probs[a].argmax(1), -1) for a in attrs}
         row: dict[str, Any] = {"prompt": prompt, "images": len(images), "faces": int(found.sum()),
                                "freq": {}, "bias": {}, "semantics": {}, "agreement": agreed}
@@ -157,8 +166,9 @@ def audit(
                 enc = bundle.encoders[enc_name]
                 sem[metric] = float(_cos(enc(images), enc(original_images)).mean())
             if keep_images:
-                o_probs, o_boxes, o_found, _, _ = _perceive(bundle, original_images)
-                kept_orig.append(PromptImages(prompt, original_images.cpu(), o_probs, o_boxes, o_found))
+                o_probs, o_regions, _ = _perceive(bundle, original_images)
+                kept_orig.append(PromptImages(prompt, original_images.cpu(), o_probs, o_regions.boxes.cpu().numpy(),
+                                              o_regions.found.cpu().numpy()))
         if keep_images:
             kept.append(PromptImages(prompt, images.cpu(), probs, boxes, found))
         rows.append(row)
