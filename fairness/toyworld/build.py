@@ -6,7 +6,9 @@ says it should: the right shape for each concept (semantics to preserve) and eac
 biased attribute law (the bias to remove). ``fidelity.json`` records both, each next to the
 same measurement made on *rendered* ground truth for the same prompts: that reference
 carries the same sampling noise and the same classifier errors, so the gap between the two is
-the generator's own error.
+the generator's own error. A third set, the rendered images *reconstructed* by the model's
+VAE (encode, decode), splits that error in two: what the latent space cannot carry at all
+(rendered vs reconstructed) and what the denoiser fails to draw (reconstructed vs generated).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from fairness.metrics.audit import agreement
@@ -33,6 +35,7 @@ from fairness.toyworld.perception import build_perception
 from fairness.toyworld.render import render
 
 SPLITS = ("train", "val", "test")
+SOURCES = ("generated", "reconstructed", "rendered")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,6 +77,18 @@ def render_reference(items: list[tuple[str, int]], seed: int) -> torch.Tensor:
             raise ValueError(f"not a world prompt: {prompt!r}")
         images.append(render(world.sample_scene(rng, concept, context), rng)[0])
     return torch.from_numpy(np.stack(images))
+
+
+@torch.no_grad()
+def round_trip(vae: AutoencoderKL, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """``images`` in [0, 1] encoded to their posterior means and decoded again: the best any
+    denoiser on this latent space could draw them."""
+    dev, dtype = vae.device, vae.dtype
+    out = []
+    for start in range(0, len(images), batch):
+        x = images[start:start + batch].to(dev, dtype) * 2 - 1
+        out.append((vae.decode(vae.encode(x).latent_dist.mean).sample.float().cpu() / 2 + 0.5).clamp(0, 1))
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -153,10 +168,10 @@ def _mean(values: list[float]) -> float:
 
 
 def summarize(concepts: list[world.Concept], per_concept: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Means over the concepts of one split, for generated images, rendered images and the law."""
+    """Means over the concepts of one split, for each image set (:data:`SOURCES`) and the law."""
     objs = [c for c in concepts if c.has_objects]
     out: dict[str, Any] = {"concepts": len(objs)}
-    for source in ("generated", "rendered"):
+    for source in SOURCES:
         rows = [per_concept[c.name][source] for c in objs]
         s: dict[str, Any] = {
             "semantic_accuracy": _mean([r["semantic_accuracy"] for r in rows]),
@@ -180,10 +195,11 @@ def summarize(concepts: list[world.Concept], per_concept: dict[str, dict[str, An
 def measure_fidelity(pipe: StableDiffusionPipeline, bundle: PerceptionBundle, seed: int, steps: int,
                      guidance: float, images_per_concept: int, concepts: list[world.Concept] | None = None,
                      progress: bool = True) -> dict[str, Any]:
-    """Generate ``images_per_concept`` images for every concept, render as many, and score
-    both against each concept's law (see :func:`score_concept`); summaries per split.
+    """Generate ``images_per_concept`` images for every concept, render as many, pass the
+    renders through the VAE (:func:`round_trip`), and score the three sets against each
+    concept's law (see :func:`score_concept`); summaries per split.
 
-    Both sets are also read by the training classifier: where it and the evaluation classifier
+    Every set is also read by the training classifier: where it and the evaluation classifier
     disagree on an attribute of generated images while agreeing on rendered ones, the generator
     draws that attribute ambiguously, and a target met for the loss is not met for the audit.
     """
@@ -191,8 +207,9 @@ def measure_fidelity(pipe: StableDiffusionPipeline, bundle: PerceptionBundle, se
     items = {c.name: concept_prompts(c, images_per_concept) for c in concepts}
     flat = [it for c in concepts for it in items[c.name]]
     classes = _classes(bundle)
+    rendered = render_reference(flat, seed)
     images = {"generated": generate(pipe, flat, seed, steps, guidance, progress=progress),
-              "rendered": render_reference(flat, seed)}
+              "reconstructed": round_trip(pipe.vae, rendered), "rendered": rendered}
     seen = {source: perceive(bundle, x) for source, x in images.items()}
     seen_train = {source: perceive(bundle, x, classifier="train") for source, x in images.items()}
     per_concept: dict[str, dict[str, Any]] = {}
@@ -209,7 +226,7 @@ def measure_fidelity(pipe: StableDiffusionPipeline, bundle: PerceptionBundle, se
     scenery = [c.name for c in concepts if not c.has_objects]
     if scenery:
         summary["scenery"] = {src: {"no_object_rate": _mean([per_concept[n][src]["no_object_rate"] for n in scenery])}
-                              for src in ("generated", "rendered")}
+                              for src in SOURCES}
     return {
         "sampling": {"num_inference_steps": steps, "guidance_scale": guidance,
                      "images_per_concept": images_per_concept, "seed": seed},

@@ -3,8 +3,10 @@
 ``python -m fairness.toyworld.shape_ablation --tag NAME [--mode scratch|continue|full|shipped]
 [--recipe JSON] [--min-size PX] --out bench/results/shape-ablation.jsonl`` appends one JSON line:
 the change, the training loss and time, and the shape accuracy (the perception bundle's
-semantic labeler) and attribute-law TV of generated images, on every second train concept, 16
-images each, with the shipped sampling settings. The modes:
+semantic labeler) and attribute-law TV of generated images on every second train concept, 16
+images each, with the shipped sampling settings, next to the shape accuracy of the same
+concepts' rendered images after the VAE's round trip (the most any denoiser on that latent
+space can reach). The modes:
 
 * ``scratch``: a fresh text encoder and U-Net on the shipped VAE's latents (the VAE and the
   data are then held fixed, so the row isolates the denoiser);
@@ -108,7 +110,8 @@ def run_ablation(mode: str, overrides: dict[str, Any], min_size: float | None = 
     return {"mode": mode, "recipe": overrides, "min_size": min_size, "seed": seed,
             "init_seed": init_seed if mode == "scratch" else None, "stats": stats,
             "train_seconds": round(seconds), "torch_threads": torch.get_num_threads(),
-            "shape_accuracy": generated["semantic_accuracy"], "tv": generated["tv"]}
+            "shape_accuracy": generated["semantic_accuracy"], "tv": generated["tv"],
+            "vae_shape_accuracy": report["summary"]["train"]["reconstructed"]["semantic_accuracy"]}
 
 
 def main(argv: list[str] | None = None) -> None:
