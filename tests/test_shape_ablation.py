@@ -4,11 +4,12 @@ reports a shape accuracy; the world is left as it was."""
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 import torch
 
-from fairness.toyworld import world
+from fairness.toyworld import DEFAULT_ASSETS, world
 from fairness.toyworld.shape_ablation import main, probe_concepts, run_ablation
 
 # A few steps on a few images: what the modes do, not how well.
@@ -56,13 +57,29 @@ def test_bad_arguments_are_refused(mode, overrides, min_size, message):
     assert world.MIN_SIZE == before
 
 
+def _without_time(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "train_seconds"}
+
+
 def test_cli_appends_one_json_line(tmp_path, monkeypatch):
     import fairness.toyworld.shape_ablation as module
     probe = probe_concepts()[:1]
     monkeypatch.setattr(module, "probe_concepts", lambda: probe)
     out = tmp_path / "rows.jsonl"
-    for tag in ("a", "b"):
+    assets = tmp_path / "assets"  # a saved model measured through --assets: here the shipped one again
+    assets.mkdir()
+    for part in ("sd", "perception"):
+        (assets / part).symlink_to(DEFAULT_ASSETS / part)
+    for tag, extra in (("a", []), ("b", ["--assets", str(assets)])):
         main(["--tag", tag, "--mode", "shipped", "--recipe", json.dumps({"num_inference_steps": 2}),
-              "--out", str(out)])
+              "--out", str(out), *extra])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["tag"] for r in rows] == ["a", "b"]
+    assert rows[0]["shape_accuracy"] == rows[1]["shape_accuracy"]
+    assert 0.0 <= rows[0]["vae_shape_accuracy"] <= 1.0
+    # Each row carries the command that reproduces it.
+    command = shlex.split(rows[0]["command"])
+    assert command[:3] == ["python", "-m", "fairness.toyworld.shape_ablation"]
+    main(command[3:])
+    again = json.loads(out.read_text().splitlines()[-1])
+    assert _without_time(again) == _without_time(rows[0])

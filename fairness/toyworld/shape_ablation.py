@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import tempfile
 import time
 from dataclasses import fields, replace
@@ -125,11 +127,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init-seed", type=int, default=1, help="fresh weights of --mode scratch")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save-dir", type=Path, default=None, help="save the retrained pipeline here")
+    parser.add_argument("--assets", type=Path, default=DEFAULT_ASSETS,
+                        help="a world's assets (sd/, perception/); with --mode shipped, measure a saved model")
     parser.add_argument("--out", type=Path, default=Path("bench/results/shape-ablation.jsonl"))
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     row = {"tag": args.tag, **run_ablation(args.mode, json.loads(args.recipe), args.min_size, args.seed,
-                                          args.init_seed, save_dir=args.save_dir)}
+                                          args.init_seed, assets=args.assets, save_dir=args.save_dir),
+           "command": shlex.join(["python", "-m", "fairness.toyworld.shape_ablation", *argv])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:
         f.write(json.dumps(row) + "\n")
