@@ -155,9 +155,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_toyworld_build(args: argparse.Namespace) -> int:
     from fairness.toyworld.build import build_toyworld
+    from fairness.toyworld.diffusion import parse_overrides
 
     report = build_toyworld(Path(args.out), seed=args.seed, quick=args.quick, device=args.device,
-                            skip_perception=args.skip_perception)
+                            skip_perception=args.skip_perception, recipe_overrides=parse_overrides(args.recipe))
     print(json.dumps(report, indent=2, default=str))
     return 0
 
@@ -244,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a handful of steps (tests)")
     p.add_argument("--skip-perception", action="store_true", help="reuse an existing perception bundle")
     p.add_argument("--device", default=None)
+    p.add_argument("--recipe", default="{}",
+                   help='SD model recipe overrides as JSON, e.g. \'{"unet_steps": 20000}\' (default: the shipped recipe)')
     p.set_defaults(func=cmd_toyworld_build)
     p = tw.add_parser("fidelity", help="measure a built toy world's fidelity again, without training")
     p.add_argument("--assets", default=str(Path(__file__).parent / "toyworld" / "assets"),

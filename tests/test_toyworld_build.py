@@ -47,6 +47,20 @@ def test_quick_build_writes_a_loadable_pipeline_and_a_report(tmp_path, capsys):
     assert "no toy-world model" in capsys.readouterr().err
 
 
+def test_build_takes_recipe_overrides_and_refuses_bad_ones_before_training(tmp_path, capsys):
+    (tmp_path / "perception").symlink_to(default_perception_dir())
+    assert main(["toyworld", "build", "--out", str(tmp_path), "--quick", "--skip-perception", "--device", "cpu",
+                 "--recipe", '{"vae_channels": [16, 32], "latent_channels": 8}']) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "sd"))
+    assert (pipe.unet.config.sample_size, pipe.unet.config.in_channels) == (16, 8)  # 32x32 -> 16x16x8
+    assert json.loads((tmp_path / "sd" / "training.json").read_text())["recipe"]["vae_channels"] == [16, 32]
+    for bad, message in (('{"unet_stepz": 3}', "unknown DiffusionRecipe fields ['unet_stepz']"),
+                         ("[3]", "must be a JSON object"), ("{", "--recipe is not JSON")):
+        assert main(["toyworld", "build", "--out", str(tmp_path / "bad"), "--quick", "--recipe", bad]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_classifier_agreement_counts_the_objects_both_classifiers_read_alike():
     concept = next(c for c in world.concepts() if c.has_objects)
     classes = {"shape": world.SHAPES, **world.ATTRIBUTES}

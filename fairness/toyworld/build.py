@@ -248,13 +248,17 @@ def _perception_metrics(perception_dir: Path) -> dict[str, Any]:
 
 
 def build_toyworld(out_dir: Path, seed: int = 0, quick: bool = False, device: str | None = None,
-                   progress: bool = True, skip_perception: bool = False) -> dict[str, Any]:
+                   progress: bool = True, skip_perception: bool = False,
+                   recipe_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build ``out_dir/perception`` (unless ``skip_perception``: reuse it), train
     ``out_dir/sd`` and write ``out_dir/fidelity.json``; returns that report.
 
     ``quick`` trains every network for a handful of steps and measures a few concepts (a smoke
-    test in well under a minute). The device defaults to CUDA when present.
+    test in well under a minute). ``recipe_overrides`` changes fields of the SD model's
+    :class:`DiffusionRecipe` (the shipped model is the default recipe; the shape ablation's
+    rows name recipes worth a larger budget). The device defaults to CUDA when present.
     """
+    recipe = (DiffusionRecipe.quick() if quick else DiffusionRecipe()).with_overrides(recipe_overrides or {})
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -267,7 +271,6 @@ def build_toyworld(out_dir: Path, seed: int = 0, quick: bool = False, device: st
     timings["perception"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    recipe = DiffusionRecipe.quick() if quick else DiffusionRecipe()
     model = train_diffusion(out / "sd", seed=seed, recipe=recipe, device=dev, progress=progress)
     timings["diffusion"] = time.perf_counter() - t1
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -85,6 +85,26 @@ class DiffusionRecipe:
         """A handful of steps on a few hundred images: exercises the whole build in seconds."""
         return cls(vae_steps=3, vae_batch=8, unet_steps=3, unet_batch=8, train_images=64,
                    num_inference_steps=4)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "DiffusionRecipe":
+        """This recipe with some fields changed (e.g. parsed from a ``--recipe`` JSON object);
+        lists become tuples, and a field the recipe does not have is refused by name."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown DiffusionRecipe fields {unknown}; known: {sorted(known)}")
+        return replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """A ``--recipe`` argument: a JSON object of :class:`DiffusionRecipe` fields."""
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--recipe is not JSON: {exc}") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--recipe must be a JSON object of DiffusionRecipe fields, got {text!r}")
+    return overrides
 
 
 # ---------------------------------------------------------------------------------------------

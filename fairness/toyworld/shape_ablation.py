@@ -28,7 +28,7 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +81,7 @@ def run_ablation(mode: str, overrides: dict[str, Any], min_size: float | None = 
     ``scratch`` row with no overrides measures seed-to-seed noise)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    known = {f.name for f in fields(recipe_lib.DiffusionRecipe)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown DiffusionRecipe fields {unknown}; known: {sorted(known)}")
-    recipe = replace(recipe_lib.DiffusionRecipe(), **overrides)
+    recipe = recipe_lib.DiffusionRecipe().with_overrides(overrides)
     original_min = world.MIN_SIZE
     if min_size is not None:
         if not world.MIN_SIZE <= min_size <= world.MAX_SIZE:
@@ -133,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    row = {"tag": args.tag, **run_ablation(args.mode, json.loads(args.recipe), args.min_size, args.seed,
+    row = {"tag": args.tag, **run_ablation(args.mode, recipe_lib.parse_overrides(args.recipe), args.min_size, args.seed,
                                           args.init_seed, assets=args.assets, save_dir=args.save_dir),
            "command": shlex.join(["python", "-m", "fairness.toyworld.shape_ablation", *argv])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
