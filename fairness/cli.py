@@ -153,10 +153,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def _set_torch_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def cmd_toyworld_build(args: argparse.Namespace) -> int:
     from fairness.toyworld.build import build_toyworld
     from fairness.toyworld.diffusion import parse_overrides
 
+    _set_torch_threads(args)
     report = build_toyworld(Path(args.out), seed=args.seed, quick=args.quick, device=args.device,
                             skip_perception=args.skip_perception, recipe_overrides=parse_overrides(args.recipe))
     print(json.dumps(report, indent=2, default=str))
@@ -164,12 +176,9 @@ def cmd_toyworld_build(args: argparse.Namespace) -> int:
 
 
 def cmd_toyworld_fidelity(args: argparse.Namespace) -> int:
-    import torch
-
     from fairness.toyworld.build import remeasure_fidelity
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_torch_threads(args)
     report = remeasure_fidelity(Path(args.assets), Path(args.out), images_per_concept=args.images_per_concept,
                                 seed=args.seed, device=args.device, progress=not args.quiet)
     print(json.dumps({"summary": report["summary"], "measured": report["measured"]}, indent=2))
@@ -247,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--recipe", default="{}",
                    help='SD model recipe overrides as JSON, e.g. \'{"unet_steps": 20000}\' (default: the shipped recipe)')
+    _add_threads_arg(p)
     p.set_defaults(func=cmd_toyworld_build)
     p = tw.add_parser("fidelity", help="measure a built toy world's fidelity again, without training")
     p.add_argument("--assets", default=str(Path(__file__).parent / "toyworld" / "assets"),
@@ -255,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-concept", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    _add_threads_arg(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_toyworld_fidelity)
 

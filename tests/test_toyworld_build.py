@@ -49,8 +49,13 @@ def test_quick_build_writes_a_loadable_pipeline_and_a_report(tmp_path, capsys):
 
 def test_build_takes_recipe_overrides_and_refuses_bad_ones_before_training(tmp_path, capsys):
     (tmp_path / "perception").symlink_to(default_perception_dir())
-    assert main(["toyworld", "build", "--out", str(tmp_path), "--quick", "--skip-perception", "--device", "cpu",
-                 "--recipe", '{"vae_channels": [16, 32], "latent_channels": 8}']) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert main(["toyworld", "build", "--out", str(tmp_path), "--quick", "--skip-perception", "--device", "cpu",
+                     "--threads", "1", "--recipe", '{"vae_channels": [16, 32], "latent_channels": 8}']) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "sd"))
     assert (pipe.unet.config.sample_size, pipe.unet.config.in_channels) == (16, 8)  # 32x32 -> 16x16x8
     assert json.loads((tmp_path / "sd" / "training.json").read_text())["recipe"]["vae_channels"] == [16, 32]
