@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -109,6 +110,30 @@ def test_round_trip_passes_images_through_the_vae(shipped):
     assert torch.allclose(round_trip(vae, rendered), torch.full_like(rendered, 0.5))
 
 
+def test_perceive_reads_every_classifier_off_one_detector_pass():
+    """Both classifiers in one call read what each reads alone, whatever the batch; the
+    training classifier's readings are its own (a copy forced to one colour says only that
+    colour where an object is found, -1 elsewhere) while the evaluation ones are untouched."""
+    bundle = load_bundle(default_perception_dir())
+    forced = copy.deepcopy(bundle.train_classifier)
+    torch.nn.init.zeros_(forced.heads["color"].weight)
+    with torch.no_grad():
+        forced.heads["color"].bias.copy_(torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    bundle = dataclasses.replace(bundle, train_classifier=forced)
+    items = [(p, 0) for p in world.prompts("train", "seen", "seen")[:8]]
+    images = render_reference(items, seed=0)
+    both = perceive(bundle, images, batch=3, classifiers=("eval", "train"))
+    alone = perceive(bundle, images)["eval"]
+    assert both["eval"].keys() == alone.keys() and {"found", *world.ATTRIBUTES} <= alone.keys()
+    for head, values in alone.items():
+        np.testing.assert_array_equal(both["eval"][head], values)
+    found = both["train"]["found"]
+    np.testing.assert_array_equal(found, alone["found"])
+    assert found.any()
+    np.testing.assert_array_equal(both["train"]["color"], np.where(found, 3, -1))
+    assert (alone["color"][found] != 3).any()
+
+
 def test_shipped_model_draws_the_prompted_shape(shipped):
     """A few dozen images of train concepts covering every shape, at the shipped sampling
     defaults: the evaluation classifier must see the prompt's shape more often than chance (1/6)
@@ -126,7 +151,7 @@ def test_shipped_model_draws_the_prompted_shape(shipped):
                       guidance=defaults["guidance_scale"], progress=False)
     assert images.shape == (len(items), 3, defaults["image_size"], defaults["image_size"])
     assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
-    seen = perceive(load_bundle(default_perception_dir()), images)
+    seen = perceive(load_bundle(default_perception_dir()), images)["eval"]
     shapes = world.SHAPES
     expected = np.repeat([shapes.index(c.shape) for c in concepts], PER_SHAPE)
     found = seen["found"]

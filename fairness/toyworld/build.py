@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,24 +94,24 @@ def round_trip(vae: AutoencoderKL, images: torch.Tensor, batch: int = 512) -> to
 
 @torch.no_grad()
 def perceive(bundle: PerceptionBundle, images: torch.Tensor, batch: int = 512,
-             classifier: Literal["eval", "train"] = "eval") -> dict[str, np.ndarray]:
-    """Per image, the evaluation (or ``"train"``-ing) classifier's class index for every head
+             classifiers: Sequence[Literal["eval", "train"]] = ("eval",)) -> dict[str, dict[str, np.ndarray]]:
+    """Per classifier named in ``classifiers``, per image, its class index for every head
     (``-1`` where the detector finds no object), plus ``found``: the path the audit reads
-    images through."""
-    clf = bundle.eval_classifier if classifier == "eval" else bundle.train_classifier
-    device = next(clf.parameters()).device
-    heads: dict[str, list[np.ndarray]] = {}
+    images through. The detector runs once: every classifier reads the same regions."""
+    nets = {name: bundle.eval_classifier if name == "eval" else bundle.train_classifier for name in classifiers}
+    device = next(bundle.eval_classifier.parameters()).device
+    heads: dict[str, dict[str, list[np.ndarray]]] = {name: {} for name in nets}
     found_all = []
     for start in range(0, len(images), batch):
         x = images[start:start + batch].to(device)
         regions = detect_largest(bundle.detector, x)
         found = regions.found.cpu().numpy()
-        for name, logits in clf(square_crop(x, regions, clf.input_size)).items():
-            heads.setdefault(name, []).append(np.where(found, logits.argmax(1).cpu().numpy(), -1))
+        for name, clf in nets.items():
+            for head, logits in clf(square_crop(x, regions, clf.input_size)).items():
+                heads[name].setdefault(head, []).append(np.where(found, logits.argmax(1).cpu().numpy(), -1))
         found_all.append(found)
-    out = {k: np.concatenate(v) for k, v in heads.items()}
-    out["found"] = np.concatenate(found_all)
-    return out
+    found_cat = np.concatenate(found_all)
+    return {name: {**{k: np.concatenate(v) for k, v in h.items()}, "found": found_cat} for name, h in heads.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,8 +211,7 @@ def measure_fidelity(pipe: StableDiffusionPipeline, bundle: PerceptionBundle, se
     rendered = render_reference(flat, seed)
     images = {"generated": generate(pipe, flat, seed, steps, guidance, progress=progress),
               "reconstructed": round_trip(pipe.vae, rendered), "rendered": rendered}
-    seen = {source: perceive(bundle, x) for source, x in images.items()}
-    seen_train = {source: perceive(bundle, x, classifier="train") for source, x in images.items()}
+    seen = {source: perceive(bundle, x, classifiers=("eval", "train")) for source, x in images.items()}
     per_concept: dict[str, dict[str, Any]] = {}
     start = 0
     for c in concepts:
@@ -219,8 +219,8 @@ def measure_fidelity(pipe: StableDiffusionPipeline, bundle: PerceptionBundle, se
         start = part.stop
         per_concept[c.name] = {"split": c.split, "family": c.family, "shape": c.shape, "law": law_summary(c)}
         for source, obs in seen.items():
-            per_concept[c.name][source] = score_concept(c, {k: v[part] for k, v in obs.items()}, classes,
-                                                        {k: v[part] for k, v in seen_train[source].items()})
+            per_concept[c.name][source] = score_concept(c, {k: v[part] for k, v in obs["eval"].items()}, classes,
+                                                        {k: v[part] for k, v in obs["train"].items()})
     summary = {s: summarize([c for c in concepts if c.split == s], per_concept) for s in SPLITS
                if any(c.split == s and c.has_objects for c in concepts)}
     scenery = [c.name for c in concepts if not c.has_objects]
