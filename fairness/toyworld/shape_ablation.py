@@ -5,8 +5,8 @@
 the change, the training loss and time, and the shape accuracy (the perception bundle's
 semantic labeler) and attribute-law TV of generated images on every second train concept, 16
 images each, with the shipped sampling settings, next to the shape accuracy of the same
-concepts' rendered images after the VAE's round trip (the most any denoiser on that latent
-space can reach). The modes:
+concepts' rendered images after the VAE's round trip (how much of the shapes that latent space
+keeps when it encodes rendered objects; a denoiser, which picks its own latents, can draw more). The modes:
 
 * ``scratch``: a fresh text encoder and U-Net on the shipped VAE's latents (the VAE and the
   data are then held fixed, so the row isolates the denoiser);
