@@ -10,7 +10,8 @@ keeps when it encodes rendered objects; a denoiser, which picks its own latents,
 
 * ``scratch``: a fresh text encoder and U-Net on the shipped VAE's latents (the VAE and the
   data are then held fixed, so the row isolates the denoiser);
-* ``continue``: keep training the shipped text encoder and U-Net (does the budget limit it?);
+* ``continue``: keep training the text encoder and U-Net of ``--assets`` (the shipped ones by
+  default; does the budget limit it?);
 * ``full``: the whole SD build (VAE too), for changes to the VAE recipe;
 * ``shipped``: no training, the shipped model sampled with the recipe's ``num_inference_steps``
   and ``guidance_scale`` (is it the sampler?).
