@@ -87,6 +87,9 @@ class LossConfig(Strict):
         None, ge=0, description="image-semantics weight of an image whose original shows a face/object "
         "and which shows none; None: lambda1, the paper's rule for images without a target")
     semantic_encoders: list[str] | None = None
+    structure_weight: float = Field(
+        0.0, ge=0, description="weight of the term that holds the outline of coloured regions while attributes "
+        "recolour them (fairness.losses.structure); 0: the paper's objective")
     ot_method: Literal["auto", "binary", "exact", "monte_carlo"] = "auto"
     ot_samples: int = Field(200, ge=1)
 

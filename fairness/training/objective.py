@@ -18,6 +18,7 @@ from fairness.config import LossConfig
 from fairness.losses.alignment import alignment_loss, confident_mask
 from fairness.losses.face import face_realism_loss
 from fairness.losses.semantics import gradient_weight_map, image_semantics_loss, lost_region_weight
+from fairness.losses.structure import OutlineEncoder, structure_loss
 from fairness.dft.engine import scale_grad
 from fairness.perception.bundle import PerceptionBundle
 from fairness.perception.regions import detect_largest, square_crop
@@ -69,7 +70,7 @@ class LossOutput:
 
 
 class Objective:
-    """L = L_align + L_img (dynamically weighted) + lambda_face * L_face."""
+    """L = L_align + L_img (dynamically weighted) + lambda_face * L_face [+ lambda_struct * L_struct]."""
 
     def __init__(self, bundle: PerceptionBundle, groups: list[TargetGroup], loss: LossConfig):
         self.bundle, self.groups, self.cfg = bundle, groups, loss
@@ -81,6 +82,7 @@ class Objective:
         self.encoders = [bundle.encoders[n] for n in names]
         for enc, n in zip(self.encoders, names):
             enc.name = n
+        self.structure = OutlineEncoder() if loss.structure_weight > 0 else None
 
     def classify(self, images: torch.Tensor, classifier=None):
         """Largest region, its crop, and the classifier's logits on it."""
@@ -94,7 +96,7 @@ class Objective:
         regions, _, logits = self.classify(images)
         return OriginalsInfo(
             classes={a: logits[a].argmax(-1) for a in self.attributes},
-            features={enc.name: enc(images) for enc in self.encoders},
+            features={enc.name: enc(images) for enc in self.encoders + ([self.structure] if self.structure else [])},
             found=regions.found,
         )
 
@@ -135,6 +137,13 @@ class Objective:
             l_face = face_realism_loss(emb_crops, found, self.bundle.face_embedder, self.bundle.face_bank)
             total = total + self.cfg.face_weight * l_face * (found.sum() / max(num_faces, 1e-9) if num_faces_global else 0.0)
             logs["loss/face"] = l_face.item()
+        if self.structure is not None:
+            if self.structure.name not in originals.features:
+                raise KeyError(f"loss.structure_weight is set but the originals carry no {self.structure.name!r} "
+                               "features: rebuild the originals bank with this loss config")
+            l_struct = structure_loss(images, originals.features[self.structure.name], self.structure)
+            total = total + self.cfg.structure_weight * l_struct
+            logs["loss/structure"] = l_struct.item()
         logs["loss/total"] = total.item()
         logs["faces"] = float(found.float().mean())
         logs["faces_lost"] = float(lost.float().mean())
