@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from fairness.losses.semantics import image_semantics_loss
 from fairness.perception.base import ImageEncoder
 
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
@@ -44,6 +45,6 @@ class OutlineEncoder(ImageEncoder):
 
 
 def structure_loss(images: torch.Tensor, original_outlines: torch.Tensor, encoder: OutlineEncoder) -> torch.Tensor:
-    """Mean over images of ``1 - cos`` between their outline maps and the originals'."""
-    outlines = encoder(images)
-    return (1 - (outlines * original_outlines.to(outlines.device).float()).sum(-1)).mean()
+    """Mean over images of ``1 - cos`` between their outline maps and the originals': the
+    image-semantics loss with this one encoder, without the paper's gradient weights."""
+    return image_semantics_loss(images, {encoder.name: original_outlines.to(images.device)}, [encoder])[0]
