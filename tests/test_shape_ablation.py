@@ -9,11 +9,13 @@ import shlex
 import pytest
 import torch
 
-from fairness.toyworld import DEFAULT_ASSETS, world
+from fairness.models.loading import load_pipeline
+from fairness.toyworld import DEFAULT_ASSETS, default_perception_dir, world
+from fairness.toyworld.diffusion import DiffusionRecipe, train_diffusion
 from fairness.toyworld.shape_ablation import main, probe_concepts, run_ablation
 
 # A few steps on a few images: what the modes do, not how well.
-TINY = {"unet_steps": 2, "unet_batch": 4, "train_images": 16, "num_inference_steps": 2}
+TINY = {"unet_steps": 2, "unet_refine_steps": 1, "unet_batch": 4, "train_images": 16, "num_inference_steps": 2}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def test_scratch_row_measures_a_fresh_denoiser_and_restores_the_world(one_concep
     assert row["mode"] == "scratch" and row["min_size"] == 12.0 and row["init_seed"] == 1
     assert 0.0 <= row["shape_accuracy"] <= 1.0
     assert set(row["tv"]) >= {"tone", "color", "pattern"}
-    assert torch.isfinite(torch.tensor(row["stats"]["loss"]))
+    assert torch.isfinite(torch.tensor([row["stats"]["loss"], row["stats"]["refine_loss"]])).all()
 
 
 def test_shipped_mode_trains_nothing_and_is_deterministic(one_concept):
@@ -83,3 +85,24 @@ def test_cli_appends_one_json_line(tmp_path, monkeypatch):
     main(command[3:])
     again = json.loads(out.read_text().splitlines()[-1])
     assert _without_time(again) == _without_time(rows[0])
+
+
+def test_build_refine_run_is_the_continue_mode_run_on_the_first_model(tmp_path, one_concept):
+    """The shipped model was trained in two commands (``--mode full``, then ``--mode continue``
+    at a lower rate); the build's refine run reproduces that exactly, in one."""
+    first = {"vae_steps": 3, "vae_batch": 8, "unet_steps": 3, "unet_batch": 8, "train_images": 64,
+             "num_inference_steps": 2, "unet_refine_steps": 0}
+    measure = {"images_per_concept": 1, "concepts": one_concept}
+    run_ablation("full", first, save_dir=tmp_path / "a" / "sd", **measure)
+    (tmp_path / "a" / "perception").symlink_to(default_perception_dir())
+    run_ablation("continue", {**first, "unet_steps": 2, "unet_lr": 5e-4}, assets=tmp_path / "a",
+                 save_dir=tmp_path / "b", **measure)
+    one_build = train_diffusion(tmp_path / "c", recipe=DiffusionRecipe().with_overrides(
+        {**first, "unet_refine_steps": 2, "unet_refine_lr": 5e-4}), progress=False)
+    two_commands = load_pipeline(str(tmp_path / "b"), device="cpu")
+    for part in ("unet", "text_encoder"):
+        built, continued = getattr(one_build.pipe, part).state_dict(), getattr(two_commands, part).state_dict()
+        assert built.keys() == continued.keys()
+        assert all(torch.equal(built[k], continued[k]) for k in built), part
+    first_only, refined = load_pipeline(str(tmp_path / "a" / "sd"), device="cpu").unet.state_dict(), two_commands.unet.state_dict()
+    assert not all(torch.equal(first_only[k], refined[k]) for k in first_only)  # the refine run trained

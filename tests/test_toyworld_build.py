@@ -53,13 +53,13 @@ def test_build_takes_recipe_overrides_and_refuses_bad_ones_before_training(tmp_p
     threads = torch.get_num_threads()
     try:
         assert main(["toyworld", "build", "--out", str(tmp_path), "--quick", "--skip-perception", "--device", "cpu",
-                     "--threads", "1", "--recipe", '{"vae_channels": [16, 32], "latent_channels": 8}']) == 0
+                     "--threads", "1", "--recipe", '{"vae_channels": [16, 32, 32], "latent_channels": 8}']) == 0
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "sd"))
-    assert (pipe.unet.config.sample_size, pipe.unet.config.in_channels) == (16, 8)  # 32x32 -> 16x16x8
-    assert json.loads((tmp_path / "sd" / "training.json").read_text())["recipe"]["vae_channels"] == [16, 32]
+    assert (pipe.unet.config.sample_size, pipe.unet.config.in_channels) == (8, 8)  # 32x32 -> 8x8x8
+    assert json.loads((tmp_path / "sd" / "training.json").read_text())["recipe"]["vae_channels"] == [16, 32, 32]
     for bad, message in (('{"unet_stepz": 3}', "unknown DiffusionRecipe fields ['unet_stepz']"),
                          ("[3]", "must be a JSON object"), ("{", "--recipe is not JSON")):
         assert main(["toyworld", "build", "--out", str(tmp_path / "bad"), "--quick", "--recipe", bad]) == 2
@@ -97,7 +97,7 @@ def test_shipped_tokenizer_has_one_token_per_world_word(shipped):
 
 def test_round_trip_passes_images_through_the_vae(shipped):
     """The reconstructed set is the VAE's encode-decode of the renders: close to them (the
-    shipped VAE's object-weighted MSE is ~0.016 in [-1, 1]) but not the same images, and a
+    shipped VAE's object-weighted MSE is ~0.008 in [-1, 1]) but not the same images, and a
     VAE with its decoder zeroed gives flat grey, so the decoder is really in the path."""
     items = [(p, 0) for p in world.prompts("train", "seen", "seen")[:8]]
     rendered = render_reference(items, seed=0)
@@ -136,9 +136,9 @@ def test_perceive_reads_every_classifier_off_one_detector_pass():
 
 def test_shipped_model_draws_the_prompted_shape(shipped):
     """A few dozen images of train concepts covering every shape, at the shipped sampling
-    defaults: the evaluation classifier must see the prompt's shape more often than chance (1/6)
-    can explain (exact binomial test). The shipped model reaches ~24-32%; the fidelity target
-    of 95% is not met yet (see README)."""
+    defaults: the evaluation classifier must see the prompt's shape on most of them (the
+    fidelity report: 97% of train concepts' objects; the first shipped model drew 24%), far
+    beyond what chance (1/6) can explain (exact binomial test)."""
     defaults = json.loads((default_model_dir() / DEFAULTS_FILE).read_text())
     firsts = {}
     for c in world.concepts_by_split("train"):
@@ -157,4 +157,5 @@ def test_shipped_model_draws_the_prompted_shape(shipped):
     found = seen["found"]
     assert found.mean() >= 0.8
     hits = int(np.sum(seen["shape"][found] == expected[found]))
-    assert binom.sf(hits - 1, int(found.sum()), 1 / len(shapes)) < 0.01, (hits, int(found.sum()))
+    assert hits >= 0.85 * found.sum(), (hits, int(found.sum()))
+    assert binom.sf(hits - 1, int(found.sum()), 1 / len(shapes)) < 1e-6, (hits, int(found.sum()))
