@@ -308,15 +308,15 @@ def train_denoiser(
     progress: bool = True,
 ) -> dict[str, float]:
     """Joint text-encoder + U-Net training with SD's epsilon loss on ``data`` (latents already
-    scaled), each latent cell weighted by ``data.weights``.
+    scaled), each latent cell weighted by ``data.weights``: ``unet_steps`` at ``unet_lr``, then,
+    if the recipe has one, the refine run from those weights (``unet_refine_steps`` at
+    ``unet_refine_lr``, its own optimizer, schedule and EMA, the same seeds).
 
     Prompts repeat (the world has ~2k distinct ones), so they are tokenized once and looked
     up by index. The EMA of the weights is what gets shipped: it samples much better than the
-    raw weights after a short run. Returns the mean loss over the last tenth of the steps.
+    raw weights after a short run. Returns each run's mean loss over its last tenth of the
+    steps (``loss``, ``refine_loss``).
     """
-    torch.manual_seed(derive_seed(seed, "toyworld-sd", "denoiser"))
-    gen = torch.Generator().manual_seed(derive_seed(seed, "toyworld-sd", "batches"))
-    latents = data.latents
     unique = sorted(set(data.prompts))
     index = {p: i for i, p in enumerate(unique)}
     prompt_idx = torch.tensor([index[p] for p in data.prompts])
@@ -325,63 +325,48 @@ def train_denoiser(
     noise_sched = ddpm_scheduler()
     alphas = noise_sched.alphas_cumprod.to(device)
     snr = alphas / (1 - alphas)
-    text_encoder.to(device).train()
-    unet.to(device).train()
-    params = list(text_encoder.parameters()) + list(unet.parameters())
-    ema = EMAModel(params, decay=recipe.ema_decay, use_ema_warmup=True, power=2 / 3)
-    opt = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=1e-2)
-    sched = _cosine_lr(opt, recipe.unet_steps, warmup=min(200, recipe.unet_steps // 10 + 1))
-    losses: list[float] = []
-    bar = tqdm(range(recipe.unet_steps), desc="toyworld U-Net", disable=not progress)
-    for _ in bar:
-        idx = torch.randint(0, len(latents), (recipe.unet_batch,), generator=gen)
-        z0 = latents[idx].to(device)
-        tok = ids[prompt_idx[idx]]
-        drop = torch.rand(len(idx), generator=gen) < recipe.caption_dropout
-        tok[drop] = empty
-        noise = torch.randn(z0.shape, generator=gen).to(device)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
-        cond = text_encoder(tok.to(device))[0]
-        pred = unet(noise_sched.add_noise(z0, noise, t), t, cond).sample
-        cell_weights = data.weights[idx].to(device)
-        loss = (cell_weights * F.mse_loss(pred, noise, reduction="none")).mean(dim=(1, 2, 3))
-        if recipe.snr_gamma is not None:
-            loss = loss * (snr[t].clamp(max=recipe.snr_gamma) / snr[t]).to(loss.dtype)
-        loss = loss.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.step(params)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    ema.copy_to(params)
+    runs = [("", recipe.unet_steps, recipe.unet_lr)]
+    if recipe.unet_refine_steps:
+        runs.append(("refine_", recipe.unet_refine_steps, recipe.unet_refine_lr))
+    stats: dict[str, float] = {}
+    for prefix, steps, lr in runs:
+        torch.manual_seed(derive_seed(seed, "toyworld-sd", "denoiser"))
+        gen = torch.Generator().manual_seed(derive_seed(seed, "toyworld-sd", "batches"))
+        text_encoder.to(device).train().requires_grad_(True)
+        unet.to(device).train().requires_grad_(True)
+        params = list(text_encoder.parameters()) + list(unet.parameters())
+        ema = EMAModel(params, decay=recipe.ema_decay, use_ema_warmup=True, power=2 / 3)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+        sched = _cosine_lr(opt, steps, warmup=min(200, steps // 10 + 1))
+        losses: list[float] = []
+        bar = tqdm(range(steps), desc=f"toyworld U-Net{' (refine)' if prefix else ''}", disable=not progress)
+        for _ in bar:
+            idx = torch.randint(0, len(data.latents), (recipe.unet_batch,), generator=gen)
+            z0 = data.latents[idx].to(device)
+            tok = ids[prompt_idx[idx]]
+            drop = torch.rand(len(idx), generator=gen) < recipe.caption_dropout
+            tok[drop] = empty
+            noise = torch.randn(z0.shape, generator=gen).to(device)
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
+            cond = text_encoder(tok.to(device))[0]
+            pred = unet(noise_sched.add_noise(z0, noise, t), t, cond).sample
+            cell_weights = data.weights[idx].to(device)
+            loss = (cell_weights * F.mse_loss(pred, noise, reduction="none")).mean(dim=(1, 2, 3))
+            if recipe.snr_gamma is not None:
+                loss = loss * (snr[t].clamp(max=recipe.snr_gamma) / snr[t]).to(loss.dtype)
+            loss = loss.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            ema.step(params)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        ema.copy_to(params)
+        stats[f"{prefix}loss"] = float(np.mean(losses[-max(1, len(losses) // 10):]))
     text_encoder.eval().requires_grad_(False)
     unet.eval().requires_grad_(False)
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"loss": float(np.mean(tail))}
-
-
-def train_denoiser_schedule(
-    text_encoder: CLIPTextModel,
-    unet: UNet2DConditionModel,
-    tokenizer: CLIPTokenizer,
-    data: LatentData,
-    recipe: DiffusionRecipe,
-    seed: int,
-    device: torch.device,
-    progress: bool = True,
-) -> dict[str, float]:
-    """The denoiser's whole training: :func:`train_denoiser`, then, if the recipe asks for it,
-    the refine run from its weights (``refine_loss`` in the stats)."""
-    stats = train_denoiser(text_encoder, unet, tokenizer, data, recipe, seed, device, progress)
-    if recipe.unet_refine_steps:
-        text_encoder.requires_grad_(True)
-        unet.requires_grad_(True)
-        refine = replace(recipe, unet_steps=recipe.unet_refine_steps, unet_lr=recipe.unet_refine_lr)
-        stats.update({f"refine_{k}": v for k, v in train_denoiser(
-            text_encoder, unet, tokenizer, data, refine, seed, device, progress).items()})
     return stats
 
 
@@ -419,7 +404,7 @@ def train_diffusion(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> TrainedModel:
-    """Train VAE, then text encoder + U-Net (:func:`train_denoiser_schedule`), and ``save_pretrained`` the pipeline to ``out_dir``
+    """Train VAE, then text encoder + U-Net (:func:`train_denoiser`), and ``save_pretrained`` the pipeline to ``out_dir``
     (with ``fairness_defaults.json``: the sampling settings the build validated)."""
     recipe = recipe or DiffusionRecipe()
     dev = torch.device(device)
@@ -434,7 +419,7 @@ def train_diffusion(
     scale = 1.0 / float(data.latents.std())
     vae.register_to_config(scaling_factor=scale)
     stats["latent_scaling_factor"] = scale
-    stats.update({f"denoiser_{k}": v for k, v in train_denoiser_schedule(
+    stats.update({f"denoiser_{k}": v for k, v in train_denoiser(
         text_encoder, unet, tokenizer, replace(data, latents=data.latents * scale), recipe, seed, dev,
         progress).items()})
 

@@ -16,7 +16,7 @@ keeps when it encodes rendered objects; a denoiser, which picks its own latents,
 * ``shipped``: no training, the shipped model sampled with the recipe's ``num_inference_steps``
   and ``guidance_scale`` (is it the sampler?).
 
-``scratch`` and ``continue`` train the recipe's whole denoiser schedule: its main run, then its
+``scratch`` and ``continue`` train the recipe's whole denoiser training: its main run, then its
 refine run (``"unet_refine_steps": 0`` for the main run alone).
 
 ``--min-size`` raises the world's smallest object (``world.MIN_SIZE``) for the training data
@@ -65,11 +65,9 @@ def _pipeline_for(mode: str, recipe: recipe_lib.DiffusionRecipe, assets: Path, s
     if mode == "scratch":
         torch.manual_seed(init_seed)
         text_encoder, unet = recipe_lib.make_text_encoder(pipe.tokenizer, recipe), recipe_lib.make_unet(recipe)
-    text_encoder.requires_grad_(True)
-    unet.requires_grad_(True)
     scaled = replace(data, latents=data.latents * pipe.vae.config.scaling_factor)
-    stats = recipe_lib.train_denoiser_schedule(text_encoder, unet, pipe.tokenizer, scaled, recipe, seed,
-                                               torch.device("cpu"), progress=False)
+    stats = recipe_lib.train_denoiser(text_encoder, unet, pipe.tokenizer, scaled, recipe, seed,
+                                      torch.device("cpu"), progress=False)
     pipe = recipe_lib.assemble_pipeline(pipe.vae, text_encoder, pipe.tokenizer, unet)
     pipe.set_progress_bar_config(disable=True)
     return pipe, stats
