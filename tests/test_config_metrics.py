@@ -7,7 +7,9 @@ import pytest
 import yaml
 
 from fairness.config import ConfigError, load_config
-from fairness.metrics.bias import bias, bias_floor, frequencies, joint_classes, mean_bias_floor, mean_std, target_gap
+from fairness.metrics.audit import movements
+from fairness.metrics.bias import (bias, bias_floor, frequencies, gap_left, joint_classes, mean_bias_floor, mean_std,
+                                   movement_shares, target_gap)
 from fairness.targets.distributions import TargetGroup
 
 BASE = {"prompts": {"train": [{"prompts": ["a photo of the doctor"]}]}, "target": {"marginals": {"gender": "uniform"}}}
@@ -85,6 +87,39 @@ def test_target_gap_averages_joint_and_marginal_total_variation():
     half = TargetGroup(("g",), (("m", "f"),), np.array([0.5, 0.5]))
     assert target_gap({"g": np.array([0, 1, -1]), "r": np.array([2, 2, 3])}, sizes, half) == 0
     assert np.isnan(target_gap({"g": np.array([-1, -1])}, sizes, half))
+
+
+def test_gap_left_tells_a_swapped_stereotype_from_a_kept_one():
+    half = [0.5, 0.5]
+    # Mean bias scores 100/0 and 0/100 the same; the gap left is +1 and -1.
+    assert bias([1, 0]) == bias([0, 1])
+    assert gap_left([1, 0], [1, 0], half) == 1 and gap_left([1, 0], [0, 1], half) == -1
+    assert gap_left([1, 0], [0.5, 0.5], half) == 0
+    assert gap_left([1, 0], [0.7, 0.3], half) == pytest.approx(0.4)
+    assert gap_left([0.9, 0.1], [0.3, 0.7], half) == pytest.approx(-0.5)
+    assert np.isnan(gap_left(half, [1, 0], half))  # no direction to measure against
+    # Four classes: a red-only prompt drawn green-only is swapped, not near the uniform target.
+    quarter = [0.25] * 4
+    assert gap_left([1, 0, 0, 0], [0, 1, 0, 0], quarter) == -1
+    assert gap_left([1, 0, 0, 0], [0.5, 0.5, 0, 0], quarter) == pytest.approx(2 / 3)
+    assert gap_left([0.4, 0.4, 0.2, 0], [0.25, 0.25, 0.25, 0.25], quarter) == 0
+
+
+def test_movement_shares_split_prompts_at_half_the_gap():
+    shares = movement_shares([1.0, 0.6, 0.5, 0.2, -0.2, -0.5, -1.0, float("nan")])
+    assert shares == {"kept": pytest.approx(3 / 7), "near": pytest.approx(2 / 7), "reversed": pytest.approx(2 / 7)}
+    assert all(np.isnan(v) for v in movement_shares([float("nan")]).values())
+
+
+def test_movements_count_prompts_with_an_object_before_and_after():
+    def row(light, faces=32):
+        return {"freq": {"tone": [light, 1 - light]}, "faces": faces}
+
+    before = [row(1.0), row(1.0), row(0.0), row(1.0), row(1.0, faces=0)]
+    after = [row(1.0), row(0.5), row(1.0), row(0.9, faces=0), row(0.0)]
+    out = movements(before, after, {"tone": [0.5, 0.5], "color": [0.25] * 4})
+    assert set(out) == {"tone"}  # laws the rows do not carry are left out
+    assert out["tone"] == {"kept": pytest.approx(1 / 3), "near": pytest.approx(1 / 3), "reversed": pytest.approx(1 / 3)}
 
 
 def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):

@@ -6,6 +6,8 @@ import base64
 import json
 from html.parser import HTMLParser
 
+import pytest
+
 from fairness.job import run_job
 from tests.helpers import tiny_config
 
@@ -51,7 +53,13 @@ def test_job_writes_metrics_and_a_complete_report(tmp_path):
     agreement = metrics["summary"]["agreement"]  # the tiny bundle's two classifiers are distinct networks
     assert set(agreement) == {"gender", "race"} and all(0 <= v["mean"] <= 1 for v in agreement.values())
     assert "training vs evaluation classifier" in result.report_path.read_text()
-    from fairness.report.results import markdown_table
+    assert "the stereotype swapped" in result.report_path.read_text()  # the movement table, per prompt set
+    from fairness.report.results import markdown_table, movement_table
+
+    movement = movement_table([tmp_path / "run"]).splitlines()
+    assert [line.split(" | ")[2] for line in movement[2:]] == ["gender", "race", "gender*race"]
+    for line in movement[2:]:  # kept + near + reversed cover every prompt with an object before and after
+        assert sum(float(c.strip(" |%")) for c in line.split(" | ")[3:]) == pytest.approx(100, abs=1.5)
 
     table = markdown_table([tmp_path / "run"]).splitlines()
     assert len(table) == 3 and "gender*race" in table[2] and table[2].startswith("| tiny | test |")

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fairness.metrics.bias import bias, frequencies, joint_classes, mean_bias_floor, mean_std
+from fairness.metrics.bias import bias, frequencies, gap_left, joint_classes, mean_bias_floor, mean_std, movement_shares
 from fairness.perception.base import Regions
 from fairness.perception.bundle import PerceptionBundle
 from fairness.perception.regions import detect_largest, square_crop
@@ -202,4 +202,20 @@ def rows_to_csv_records(result: AuditResult) -> list[dict[str, Any]]:
         rec.update({f"semantics.{k}": v for k, v in r["semantics"].items()})
         rec.update({f"agreement.{k}": v for k, v in r.get("agreement", {}).items()})
         out.append(rec)
+    return out
+
+
+def movements(before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]],
+              targets: Mapping[str, Sequence[float]]) -> dict[str, dict[str, float]]:
+    """Where debiasing moved each prompt, per targeted law: the share of prompts ``kept`` near
+    the original, brought ``near`` the target, or ``reversed`` past it (``fairness.metrics.bias.
+    movement_shares``). ``before`` / ``after`` are the two audits' rows, prompt by prompt; only
+    prompts with an object in both count, and laws the rows do not carry are left out."""
+    out = {}
+    for name, target in targets.items():
+        if not before or name not in before[0]["freq"]:
+            continue
+        gaps = [gap_left(b["freq"][name], a["freq"][name], target)
+                for b, a in zip(before, after) if b["faces"] and a["faces"]]
+        out[name] = movement_shares(gaps)
     return out

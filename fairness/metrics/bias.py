@@ -99,3 +99,38 @@ def target_gap(classes: Mapping[str, np.ndarray], sizes: Mapping[str, int], grou
             found = np.where(joint >= 0, classes[attr], -1)
             tvs.append(total_variation(frequencies(found, sizes[attr]), group.marginal(attr)))
     return float(np.mean(tvs))
+
+
+def gap_left(before: Sequence[float], after: Sequence[float], target: Sequence[float]) -> float:
+    """How much of one prompt's distance to the target the debiased model leaves, with a sign.
+
+    The magnitude is ``TV(after, target) / TV(before, target)``: 1 when the law did not move, 0
+    at the target. The sign says which side of the target the prompt is on: positive while the
+    class the original over-drew most is still over-drawn, negative once it no longer is (another
+    class took its place). Mean bias cannot tell a prompt drawn half light and half dark from
+    one whose stereotype was swapped for its opposite (0/100 scores what 100/0 scored): the sign
+    can; for two classes a 100/0 prompt turned 0/100 scores -1. NaN when the original is
+    already at the target, where there is nothing to close.
+    """
+    b, a, t = (np.asarray(x, dtype=np.float64) for x in (before, after, target))
+    start = total_variation(b, t)
+    if start < 1e-12:
+        return float("nan")
+    favoured = int(np.argmax(b - t))
+    left = total_variation(a, t) / start
+    return left if a[favoured] > t[favoured] + 1e-12 else -left
+
+
+MOVEMENTS = ("kept", "near", "reversed")
+
+
+def movement_shares(gaps: Sequence[float], half: float = 0.5) -> dict[str, float]:
+    """Share of prompts (NaN gaps left out) by where :func:`gap_left` puts them: ``kept`` (at
+    least ``half`` of the gap left, on the original's side), ``near`` (within ``half`` of it of
+    the target, either side) and ``reversed`` (past the target by at least ``half`` of it: the
+    stereotype swapped rather than removed). All NaN when no prompt has a gap."""
+    g = np.asarray([x for x in gaps if x == x], dtype=np.float64)
+    if len(g) == 0:
+        return {m: float("nan") for m in MOVEMENTS}
+    return {"kept": float((g >= half).mean()), "near": float((np.abs(g) < half).mean()),
+            "reversed": float((g <= -half).mean())}

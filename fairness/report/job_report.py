@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fairness.config import DebiasConfig
-from fairness.metrics.audit import AuditResult, PromptImages
+from fairness.metrics.audit import AuditResult, PromptImages, movements
+from fairness.metrics.bias import MOVEMENTS
 from fairness.report.grids import before_after_grid
 from fairness.report.html import Section, Table, format_text_table, paper_table, write_report
 from fairness.report.plots import plot_bias_summary, plot_group_frequencies, plot_loss_curves
@@ -70,6 +71,23 @@ def _agreement_tables(before: Mapping[str, AuditResult], after: Mapping[str, Aud
     return tables
 
 
+def _movement_tables(groups: list[TargetGroup], before: Mapping[str, AuditResult],
+                     after: Mapping[str, AuditResult]) -> list[Table]:
+    """Per prompt set, where debiasing moved each prompt's law of every targeted attribute."""
+    laws = {name: law for g in groups for name, law in g.laws().items()}
+    tables = []
+    for name, res in after.items():
+        shares = movements(before[name].rows, res.rows, laws)
+        if shares:
+            tables.append(Table(columns=["law", *MOVEMENTS], rows=[[law, *[s[m] for m in MOVEMENTS]]
+                                                                 for law, s in shares.items()],
+                                caption=f"{name}: share of prompts whose law debiasing left on the original's side "
+                                        "with at least half its distance to the target (kept), brought within half "
+                                        "of it (near), or carried past the target by at least half of it (reversed: "
+                                        "the stereotype swapped, which mean bias cannot tell from one kept)"))
+    return tables
+
+
 def paper_table_text(before: Mapping[str, AuditResult], after: Mapping[str, AuditResult]) -> str:
     """The paper-style tables, one per evaluated prompt set, as aligned text."""
     return "\n\n".join(format_text_table(t) for t in _summary_tables(before, after))
@@ -101,7 +119,8 @@ def write_job_report(run_dir: Path, cfg: DebiasConfig, groups: list[TargetGroup]
         images=[plot_bias_summary({k: {"before": before[n].summary["bias"][k]["mean"], "after": v["mean"]}
                                    for k, v in after[n].summary["bias"].items()}, figs / f"bias_{n}.png")
                 for n in after],
-        tables=_summary_tables(before, after) + _agreement_tables(before, after),
+        tables=_summary_tables(before, after) + _movement_tables(groups, before, after)
+               + _agreement_tables(before, after),
     )]
     for name, res in after.items():
         images = []

@@ -18,21 +18,23 @@ from typing import Any
 
 import yaml
 
-from fairness.metrics.bias import mean_bias_floor
+from fairness.metrics.audit import movements
+from fairness.metrics.bias import MOVEMENTS, mean_bias_floor
 from fairness.targets.distributions import TargetSpec
 
 
-def _targeted(run: Path, attributes: dict[str, list[str]]) -> tuple[list[str], list[tuple[str, str, float]]]:
-    """Bias names to report, and (attribute, class, target share) for non-uniform marginals."""
+def _targeted(run: Path, attributes: dict[str, list[str]]) -> tuple[dict[str, Any], list[tuple[str, str, float]]]:
+    """Target law of every bias name to report (each targeted attribute, and their joint), and
+    (attribute, class, target share) for non-uniform marginals."""
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    names, shares = [], []
+    laws, shares = {}, []
     for g in TargetSpec.from_dict(cfg["target"]).compile(attributes):
-        names += list(g.attributes) + ([g.name] if len(g.attributes) > 1 else [])
+        laws.update(g.laws())
         for attr, classes in zip(g.attributes, g.classes):
             m = g.marginal(attr)
             if abs(m.max() - m.min()) > 1e-9:
                 shares.append((attr, classes[int(m.argmin())], float(m.min())))
-    return names, shares
+    return laws, shares
 
 
 def _share(summary_rows: list[dict[str, Any]], attributes: dict[str, list[str]], attr: str, cls: str) -> float:
@@ -47,10 +49,10 @@ def rows_for_run(run: Path) -> list[list[str]]:
     for set_name, data in metrics["sets"].items():
         before, after = data["before"], data["after"]
         attributes = after["attributes"]
-        names, shares = _targeted(run, attributes)
+        laws, shares = _targeted(run, attributes)
         faces = [r["faces"] for r in after["prompts"]]
         bias = ", ".join(f"{n} {before['summary']['bias'][n]['mean']:.3f} → {after['summary']['bias'][n]['mean']:.3f} "
-                         f"({mean_bias_floor(faces, len(after['prompts'][0]['freq'][n])):.2f})" for n in names)
+                         f"({mean_bias_floor(faces, len(after['prompts'][0]['freq'][n])):.2f})" for n in laws)
         share = ", ".join(f"{a}={c}: {_share(before['prompts'], attributes, a, c):.1%} → "
                           f"{_share(after['prompts'], attributes, a, c):.1%} (target {t:.0%})" for a, c, t in shares)
         sem_b, sem_a = before["summary"]["semantics"], after["summary"]["semantics"]
@@ -71,12 +73,29 @@ def markdown_table(runs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def movement_table(runs: list[Path]) -> str:
+    """Per run, prompt set and targeted law: the share of prompts debiasing left near the
+    original, brought near the target, or reversed past it (``fairness.metrics.audit.movements``)."""
+    lines = ["| run | prompts | law | kept | near target | reversed |", "|---|---|---|---|---|---|"]
+    for run in runs:
+        metrics = json.loads((run / "metrics.json").read_text())
+        for set_name, data in metrics["sets"].items():
+            laws, _ = _targeted(run, data["after"]["attributes"])
+            for law, shares in movements(data["before"]["prompts"], data["after"]["prompts"], laws).items():
+                lines.append(f"| {run.name} | {set_name} | {law} | "
+                             + " | ".join(f"{shares[m]:.0%}" for m in MOVEMENTS) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fairness.report.results", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories with metrics.json")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--movement", action="store_true",
+                        help="instead, where debiasing moved each prompt: kept, near the target, or reversed")
     args = parser.parse_args(argv)
-    table = markdown_table([Path(r) for r in args.runs])
+    runs = [Path(r) for r in args.runs]
+    table = movement_table(runs) if args.movement else markdown_table(runs)
     if args.out:
         Path(args.out).write_text(table + "\n")
     print(table)

@@ -51,6 +51,14 @@ class TargetGroup:
         other = tuple(i for i in range(len(self.attributes)) if i != axis)
         return self.probs.sum(axis=other) if other else self.probs.copy()
 
+    def laws(self) -> dict[str, np.ndarray]:
+        """The target law of each attribute and, for two or more, of their joint (flat, row-major),
+        keyed as the audit names its bias entries (``"tone"``, ``"tone*color"``)."""
+        out = {a: self.marginal(a) for a in self.attributes}
+        if len(self.attributes) > 1:
+            out[self.name] = self.flat()
+        return out
+
 
 def _check_probs(where: str, probs: Probabilities, classes: list[str]) -> np.ndarray:
     """Validate a ``{class: p}`` mapping against ``classes``; returns p in class order."""
