@@ -12,9 +12,12 @@ PYTEST_ARGS ?= -m "not slow"
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# CPU torch first (a local wheel here; on a GPU box install the CUDA build instead, see README).
-	$(BIN)/pip install -q torch==2.13.0
+	# torch + torchvision first, as a pair that imports together (the CUDA build; it also runs on
+	# the CPU). open_clip_torch -> timm -> torchvision would otherwise swap torch under us.
+	$(BIN)/pip install -q -c constraints.txt torch torchvision
 	$(BIN)/pip install -q -c constraints.txt -e ".[ray,test]"
+	# facenet-pytorch ships the MTCNN weights; its own pins (torch<2.3) are stale, hence --no-deps.
+	$(BIN)/pip install -q -c constraints.txt --no-deps facenet-pytorch
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -46,6 +46,12 @@ def _workdir() -> str:
 def test_ray_pin_matches_the_installed_ray():
     pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().split("\n") if "==" in line)
     assert pins["ray"] == ray.__version__
+    import torch
+    import torchvision
+
+    # torch and torchvision only import as the pinned pair (README "Install notes").
+    assert torch.__version__.split("+")[0] == pins["torch"]
+    assert torchvision.__version__.split("+")[0] == pins["torchvision"]
 
 
 def test_launcher_head_and_autoscaling_a100_group():
@@ -60,6 +66,7 @@ def test_launcher_head_and_autoscaling_a100_group():
     assert cfg["file_mounts"] == {_workdir(): "."}  # the checkout the setup commands install
     setup = " ".join(cfg["setup_commands"])
     assert f"-c {_workdir()}/constraints.txt" in setup and f'"{_workdir()}[ray]"' in setup
+    assert "torch torchvision" in setup and "--no-deps facenet-pytorch" in setup  # as `make setup`
     head = " ".join(cfg["head_start_ray_commands"])
     assert "--port=6379" in head and "--dashboard-port=8265" in head
 
@@ -68,6 +75,8 @@ def test_dockerfile_pins_the_ray_image_and_installs_the_project():
     text = (CLUSTERS / "Dockerfile").read_text()
     assert f"FROM {RAY_IMAGE}\n" in text
     assert 'pip install --no-cache-dir -c constraints.txt ".[ray]"' in text
+    # The three steps of `make setup`: the torch/torchvision pair first, facenet without its pins.
+    assert "-c constraints.txt torch torchvision" in text and "--no-deps facenet-pytorch" in text
 
 
 @pytest.mark.parametrize("name", MANIFESTS)
