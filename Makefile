@@ -7,7 +7,7 @@ CONFIG ?= pipelines/configs/toyworld/main.yaml
 RUN ?= runs/main
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: setup demo test test-all test-cluster bench toyworld clean
+.PHONY: setup demo test test-all test-slow test-cluster bench toyworld clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -31,7 +31,12 @@ test: setup
 test-all: PYTEST_ARGS=
 test-all: test
 
-# The local two-node Ray cluster test (slow: ~3 min); CI runs it after the default suite.
+# The tests marked slow (the two-node Ray cluster, fault recovery, the toy walkthrough; ~8 min);
+# CI runs them after the default suite.
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
+
+# Only the local two-node Ray cluster test (~3 min).
 test-cluster: setup
 	$(BIN)/python -m pytest -m slow tests/test_ray_multinode.py
 

@@ -1,8 +1,8 @@
 """The ``fairness`` command line.
 
 Library commands (no Ray): ``job``, ``debias``, ``audit``, ``generate``, ``export``,
-``toyworld build``. Ray commands (``bank``, ``tune``, ``serve``, ``debias --workers N``) import
-the ``pipelines`` package only when called.
+``toyworld build``, ``perception init``, ``classifier train``, ``bank faces``. Ray commands (``bank``, ``tune``,
+``serve``, ``debias --workers N``) import the ``pipelines`` package only when called.
 """
 
 from __future__ import annotations
@@ -85,8 +85,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, args.adapter, args.dtype, args.device)
     bundle = load_perception(args.perception).to(model.pipe.device)
-    if args.classifier == "train":
-        bundle = dataclasses.replace(bundle, eval_classifier=bundle.train_classifier)
+    allow_train = args.classifier == "train"  # asking for it is what allows it (see audit's rule)
+    if allow_train:
+        specs = dict(bundle.component_specs)
+        if "train_classifier" in specs:
+            specs["eval_classifier"] = specs["train_classifier"]
+        bundle = dataclasses.replace(bundle, eval_classifier=bundle.train_classifier, component_specs=specs)
     prompts = read_corpus(args.prompts).prompts
     sampling = _sampling(args)
 
@@ -98,11 +102,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     joints = args.joint or None
     after = audit(gen, bundle, prompts, args.images_per_prompt, args.seed, model.latent_shape,
-                  originals=orig if args.adapter else None, joints=joints, progress=not args.quiet)
+                  originals=orig if args.adapter else None, joints=joints, progress=not args.quiet,
+                  allow_train_classifier=allow_train)
     result = {"audit": after}
     if args.adapter:
         before = audit(orig, bundle, prompts, args.images_per_prompt, args.seed, model.latent_shape,
-                       joints=joints, progress=not args.quiet)
+                       joints=joints, progress=not args.quiet, allow_train_classifier=allow_train)
     else:
         before = after
     write_metrics(Path(args.out), {"audit": before}, result, {"model": args.model, "adapter": args.adapter})
@@ -151,6 +156,78 @@ def cmd_export(args: argparse.Namespace) -> int:
     path = export_adapter(trainer.model.adapter, args.out, extra={"run": cfg.name, "step": trainer.step})
     print(f"exported adapter to {path}")
     return 0
+
+
+def cmd_classifier_train(args: argparse.Namespace) -> int:
+    from fairness.perception.classifier_training import ClassifierTrainConfig, insert_into_bundle, train_classifier
+    from fairness.perception.labelled_data import read_labelled_images
+
+    _set_torch_threads(args)
+    if (args.bundle is None) != (args.role is None):
+        raise SystemExit("--bundle and --role go together")
+    if args.bundle and not (Path(args.bundle) / "bundle.json").exists():
+        raise FileNotFoundError(f"no perception bundle at {args.bundle} (missing bundle.json)")
+    spec = None
+    if args.backbone_spec:
+        text = args.backbone_spec
+        spec = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text())
+    data = read_labelled_images(args.data, args.attributes, args.label_map, args.file_column, args.images_dir)
+    val = (read_labelled_images(args.val_data, args.attributes, args.label_map, args.file_column, args.val_images_dir)
+           if args.val_data else None)
+    cfg = ClassifierTrainConfig(
+        backbone=args.backbone, backbone_spec=spec, backbone_root=args.bundle,
+        imagenet_init=args.imagenet_weights or args.imagenet_init, image_size=args.image_size, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, val_fraction=args.val_fraction,
+        seed=args.seed, half=args.half, flip=not args.no_flip, workers=args.workers, device=args.device,
+    )
+    metrics = train_classifier(data, cfg, args.out, val_data=val, progress=not args.quiet)
+    out = {"val_accuracy": metrics["val_accuracy"], "train_images": metrics["data"]["train_images"],
+           "val_images": metrics["data"]["val_images"], **metrics["files"], "component": metrics["component"]}
+    if args.bundle:
+        out["bundle"] = {"dir": args.bundle, "role": args.role,
+                         "spec": insert_into_bundle(args.bundle, args.role, args.out)}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_bank_faces(args: argparse.Namespace) -> int:
+    from fairness.models.loading import load_perception, resolve_device
+    from fairness.perception.face_bank import build_face_bank
+
+    _set_torch_threads(args)
+    # The bank this command writes may be the one bundle.json names, not there yet.
+    bundle = load_perception(args.perception, face_bank=False).to(resolve_device(args.device))
+    report = build_face_bank(args.images, bundle, args.out, batch_size=args.batch_size, max_side=args.max_side,
+                             progress=not args.quiet)
+    print(json.dumps(report.to_json(), indent=2))
+    print(f"{report.faces} of {report.images} images had a face; bank {tuple((report.faces, report.dim))} "
+          f"written to {report.path} (set \"face_bank\" in bundle.json to use it)", file=sys.stderr)
+    return 0
+
+
+def cmd_perception_init(args: argparse.Namespace) -> int:
+    from fairness.perception.presets import write_preset
+
+    out = write_preset(args.preset, Path(args.out), overwrite=args.overwrite)
+    print(f"wrote {out / 'bundle.json'}: edit its weight paths (see {out / 'README_BUNDLE.md'} where written), "
+          f"then build the face bank with `fairness bank faces --perception {out} ...`")
+    return 0
+
+
+def bank_faces_parser() -> argparse.ArgumentParser:
+    """``fairness bank faces``: parsed apart from ``fairness bank`` (the Ray originals bank)."""
+    p = argparse.ArgumentParser(prog="fairness bank faces",
+                                description="build a bank of real-face embeddings (face_bank of a perception bundle)")
+    p.add_argument("--images", required=True, help="folder of face photos (searched recursively)")
+    p.add_argument("--out", required=True, help="bank file to write (.safetensors, {'bank': (M, D)})")
+    p.add_argument("--perception", required=True, help="perception bundle folder (its detector and face_embedder)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-side", type=int, default=1024, help="shrink larger images to this side first")
+    p.add_argument("--device", default="auto")
+    _add_threads_arg(p)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bank_faces, command="bank faces")
+    return p
 
 
 def _add_threads_arg(p: argparse.ArgumentParser) -> None:
@@ -269,8 +346,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_toyworld_fidelity)
 
+    pc = sub.add_parser("perception", help="perception bundles").add_subparsers(dest="perception_command", required=True)
+    p = pc.add_parser("init", help="write an editable bundle.json for a preset setup")
+    p.add_argument("--preset", required=True, help="sd15-paper (the paper's setup) or tiny-real (tiny random encoders, real MTCNN)")
+    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle.json")
+    p.set_defaults(func=cmd_perception_init)
+
+    cl = sub.add_parser("classifier", help="train attribute classifiers for a perception bundle").add_subparsers(
+        dest="classifier_command", required=True)
+    p = cl.add_parser("train", help="train a backbone + linear-heads classifier (real.trained_head) on labelled faces")
+    p.add_argument("--data", required=True, help="CSV (FairFace: file,age,gender,race; CelebA: image_id,Male,Young,...) "
+                                                 "or a folder holding one, or per-class subfolders")
+    p.add_argument("--attributes", required=True,
+                   help="attributes to learn, e.g. gender,race,age; name=column to read another column (gender=Male)")
+    p.add_argument("--label-map", default=None,
+                   help="label maps, e.g. race=race4,age=age2 (built in: race4, age2, gender, celeba_young; gender "
+                        "defaults to gender; 'none' keeps raw labels)")
+    p.add_argument("--backbone", choices=["mobilenet_v3_large", "open_clip"], default="mobilenet_v3_large",
+                   help="fine-tuned MobileNetV3-Large, or a frozen image encoder with linear heads")
+    p.add_argument("--backbone-spec", default=None,
+                   help="the frozen encoder as a bundle component spec (JSON text or file), e.g. "
+                        '\'{"backend": "real.open_clip", "config": {...}}\'; with --bundle its relative paths are '
+                        'read from the bundle folder')
+    p.add_argument("--imagenet-init", action="store_true",
+                   help="start MobileNet from ImageNet weights (torch hub cache, else downloaded)")
+    p.add_argument("--imagenet-weights", default=None, help="path of the ImageNet MobileNetV3-Large .pth to start from")
+    p.add_argument("--out", required=True, help="output folder: classifier.safetensors, component.json, metrics.json")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-2)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="seeded share of the data held out to validate")
+    p.add_argument("--val-data", default=None, help="validate on this labelled set instead (e.g. FairFace's val CSV)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--half", choices=["all", "first", "second"], default="all",
+                   help="train on a fixed, seed-independent half of the data (training vs evaluation classifier)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="classifier input side, the face crop size (default: 224; a frozen encoder's own size)")
+    p.add_argument("--file-column", default=None, help="column with image paths (default: file, image_id, path, ...)")
+    p.add_argument("--images-dir", default=None, help="folder the image paths are relative to (default: the CSV's)")
+    p.add_argument("--val-images-dir", default=None, help="the same for --val-data")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips while training")
+    p.add_argument("--workers", type=int, default=0, help="image-loading processes (use 4-8 on a GPU machine)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--bundle", default=None, help="also put the classifier into this bundle folder's bundle.json ...")
+    p.add_argument("--role", choices=["train_classifier", "eval_classifier"], default=None, help="... as this role")
+    _add_threads_arg(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_classifier_train)
+
     for name, help_text in (
-        ("bank", "build an originals bank with Ray Data"),
+        ("bank", "build an originals bank with Ray Data; `fairness bank faces`: a real-face embedding bank"),
         ("tune", "search loss weights / C / lr with Ray Tune"),
         ("serve", "serve the debiased model (OpenAI Images API) with Ray Serve"),
     ):
@@ -299,17 +426,19 @@ RAY_COMMANDS = {"bank": "pipelines.bank", "tune": "pipelines.tune", "serve": "pi
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in RAY_COMMANDS:
+    if argv[:2] == ["bank", "faces"]:  # a library command beside the Ray `bank`
+        args = bank_faces_parser().parse_args(argv[2:])
+    elif argv and argv[0] in RAY_COMMANDS:
         # Ray commands parse their own options (argparse.REMAINDER would not pass "--x" on).
         return _ray_command(RAY_COMMANDS[argv[0]], argv[0])(argparse.Namespace(args=argv[1:]))
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    else:
+        args = build_parser().parse_args(argv)
     from fairness.config import ConfigError
     from fairness.targets.distributions import TargetError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, TargetError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (ConfigError, TargetError, FileNotFoundError, FileExistsError, KeyError, ValueError) as exc:
         print(f"fairness {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -90,8 +90,15 @@ class LossConfig(Strict):
     structure_weight: float = Field(
         0.0, ge=0, description="weight of the term that holds the outline of coloured regions while attributes "
         "recolour them (fairness.losses.structure); 0: the paper's objective")
-    ot_method: Literal["auto", "binary", "exact", "monte_carlo"] = "auto"
-    ot_samples: int = Field(200, ge=1)
+    ot_method: Literal["auto", "binary", "exact", "truncated", "monte_carlo"] = Field(
+        "auto", description="how OT targets are averaged over target draws (fairness.targets.assignment): "
+        "auto picks binary (K=2), truncated (few count vectors) or monte_carlo")
+    ot_samples: int = Field(200, ge=1, description="target draws of monte_carlo")
+    ot_mass: float = Field(0.95, gt=0, le=1, description="multinomial mass the truncated enumeration keeps")
+    ot_joint_cost: Literal["joint", "concatenated"] = Field(
+        "joint", description="OT cost of a joint group: distance of the joint (outer-product) probabilities to "
+        "the joint one-hot (joint), or the official code's distance of the concatenated per-attribute "
+        "probabilities to the concatenated per-attribute one-hots (concatenated)")
 
     @field_validator("confidence_threshold")
     @classmethod
@@ -116,6 +123,9 @@ class DFTConfig(Strict):
     guidance_scale: float = 7.5
     checkpoint_unet: bool = True
     checkpoint_vae: bool = True
+    vae_slice: int | None = Field(
+        None, ge=1, description="decode (and recompute in backward) this many images at a time; bounds the "
+        "VAE's activation memory for large batches. None: the whole batch in one call")
 
     @field_validator("steps")
     @classmethod
@@ -127,7 +137,8 @@ class DFTConfig(Strict):
 
     def sampling(self, num_steps: int, mode: str | None = None) -> SamplingConfig:
         return SamplingConfig(num_steps=num_steps, guidance_scale=self.guidance_scale, mode=mode or self.mode,  # type: ignore[arg-type]
-                              checkpoint_unet=self.checkpoint_unet, checkpoint_vae=self.checkpoint_vae)
+                              checkpoint_unet=self.checkpoint_unet, checkpoint_vae=self.checkpoint_vae,
+                              vae_slice=self.vae_slice)
 
 
 class SelectionConfig(Strict):

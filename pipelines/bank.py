@@ -3,7 +3,9 @@
 The (prompt, noise seed, sampler steps) of every planned iteration comes from the run's own
 :meth:`Trainer.iteration_plan`, so the bank holds exactly the originals training would generate.
 A pool of actors (one per GPU, or per CPU slot) each loads the frozen model and the perception
-bundle once and maps batches of planned images to bank rows; the rows land as parquet.
+bundle once and maps batches of planned images to bank rows; the rows land as parquet, with the
+job's fingerprint beside them (:func:`fairness.training.bank.bank_fingerprint`) so that a job
+with another model, guidance, resolution or perception refuses the bank.
 """
 
 from __future__ import annotations
@@ -62,9 +64,18 @@ def plan_items(cfg: DebiasConfig, steps: range, chunk: int) -> list[dict[str, An
 
 def build_bank(cfg: DebiasConfig, out: str | Path, first_step: int = 1, last_step: int | None = None,
                actors: int | None = None, gpus_per_actor: float = 0, chunk: int = 8) -> Path:
-    """Write the bank for iterations ``first_step..last_step`` (default: the whole run)."""
+    """Write the bank for iterations ``first_step..last_step`` (default: the whole run).
+
+    Adding iterations to an existing bank folder is allowed only for the job it was built for
+    (rows of two jobs under one fingerprint would be stale without anyone knowing)."""
     import ray
 
+    from fairness.training.bank import bank_fingerprint, check_fingerprint, read_fingerprint, write_fingerprint
+
+    out = Path(out).resolve()
+    fingerprint = bank_fingerprint(cfg)
+    if out.exists() and any(out.iterdir()):
+        check_fingerprint(read_fingerprint(out), fingerprint, out)
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
     last = last_step or cfg.train.iterations
@@ -76,8 +87,8 @@ def build_bank(cfg: DebiasConfig, out: str | Path, first_step: int = 1, last_ste
         batch_size=1, concurrency=pool, num_gpus=gpus_per_actor if use_gpu else None,
         num_cpus=None if use_gpu else 1,
     )
-    out = Path(out).resolve()
     ds.write_parquet(str(out))
+    write_fingerprint(out, fingerprint)
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fairness.training.bank import OriginalsBank
+from fairness.training.bank import BankMismatch, OriginalsBank, bank_fingerprint
 from fairness.training.loop import Trainer
 from pipelines.bank import build_bank
 from tests.helpers import tiny_config
@@ -30,6 +30,14 @@ def test_bank_gives_same_loss_as_generating(tmp_path, ray_session):
     # Iterations outside the bank fall back to generating.
     _, prompt, steps, seed = plain.iteration_plan(3)
     assert not bank.has(prompt, seed, plain.local_indices(), steps)
+    # The bank carries the job's fingerprint: another guidance is refused, for training and for
+    # adding rows to the same folder.
+    assert bank.fingerprint == bank_fingerprint(cfg)
+    other = tiny_config(tmp_path, train__iterations=3, dft__guidance_scale=2.0)
+    with pytest.raises(BankMismatch, match="guidance_scale"):
+        Trainer(other, tmp_path / "c", progress=False, bank=bank)
+    with pytest.raises(BankMismatch, match="guidance_scale"):
+        build_bank(other, out, first_step=3, last_step=3, actors=1, chunk=2)
 
 
 def test_missing_bank_is_a_clear_error(tmp_path):

@@ -17,9 +17,23 @@ from tests.helpers import PROMPTS, tiny_config
 
 
 def test_help_everywhere():
-    for cmd in ([], ["job"], ["debias"], ["audit"], ["generate"], ["export"], ["toyworld", "build"], ["toyworld", "fidelity"]):
+    for cmd in ([], ["job"], ["debias"], ["audit"], ["generate"], ["export"], ["toyworld", "build"], ["toyworld", "fidelity"],
+                ["perception", "init"], ["classifier", "train"]):
         out = subprocess.run([sys.executable, "-m", "fairness.cli", *cmd, "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "usage: fairness" in out.stdout
+
+
+def test_perception_init_writes_an_editable_bundle_and_keeps_an_existing_one(tmp_path, capsys):
+    out = tmp_path / "sd15"
+    assert main(["perception", "init", "--preset", "sd15-paper", "--out", str(out)]) == 0
+    spec = json.loads((out / "bundle.json").read_text())
+    assert spec["components"]["detector"]["backend"] == "real.mtcnn"
+    assert set(spec["components"]["train_classifier"]["config"]["attributes"]) == {"gender", "race", "age"}
+    capsys.readouterr()
+    assert main(["perception", "init", "--preset", "sd15-paper", "--out", str(out)]) == 2  # never overwritten silently
+    assert "exists" in capsys.readouterr().err
+    assert main(["perception", "init", "--preset", "sd14-unknown", "--out", str(tmp_path / "x")]) == 2
+    assert "sd15-paper" in capsys.readouterr().err  # the error lists the known presets
 
 
 def test_debias_export_generate_audit(tmp_path, capsys):

@@ -50,6 +50,7 @@ def _kill_rank_when(run, rank, step, killed):
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # ~75 s on 2 cores: CI runs it with `make test-slow`
 def test_killed_worker_is_replaced_and_run_completes(tmp_path, ray_session):
     every = 2
     cfg = tiny_config(tmp_path, train__iterations=6, train__checkpoint_every=every)

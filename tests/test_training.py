@@ -56,6 +56,10 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
     a, b = _adapter_state(full), _adapter_state(resumed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    ema_a, ema_b = full.ema.state_dict(), resumed.ema.state_dict()  # the EMA resumes exactly too
+    assert ema_a["optimization_step"] == ema_b["optimization_step"] == 4
+    for x, y in zip(ema_a["shadow_params"], ema_b["shadow_params"]):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
     la = (tmp_path / "full" / "log.jsonl").read_text().splitlines()
     lb = (tmp_path / "part" / "log.jsonl").read_text().splitlines()
     strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k != "seconds"} for r in rows]

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from fairness.config import load_config
 from pipelines.tune import TuneSettings, apply_overrides, run_tune
@@ -69,6 +68,7 @@ def test_unknown_search_key_fails_before_ray_starts(tmp_path):
         run_tune(settings, tmp_path / "tune")
 
 
+@pytest.mark.slow  # ~80 s on 2 cores: CI runs it with `make test-slow`
 def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, ray_session):
     """A search killed mid-way goes on from the run directory: no trial reruns from scratch."""
     base = tmp_path / "base.yaml"

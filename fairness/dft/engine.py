@@ -13,7 +13,10 @@ loop over the same components. Modes:
 
 Because the U-Net input is detached, step t contributes a single U-Net vector-Jacobian product,
 so gradient checkpointing each U-Net call keeps memory at one call's activations plus the
-latent trajectory.
+latent trajectory. The VAE decode can run in slices of ``vae_slice`` images, each checkpointed on
+its own, so the backward pass recomputes one slice's decoder activations at a time (diffusers'
+``vae.enable_slicing()`` slices the forward only: checkpointing the whole decode would then
+recompute every slice's activations at once).
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class SamplingConfig:
     mode: Mode = "adjusted"
     checkpoint_unet: bool = True
     checkpoint_vae: bool = True
+    vae_slice: int | None = None  # decode this many images at a time (None: the whole batch)
 
 
 def fresh_scheduler(pipe: StableDiffusionPipeline) -> SchedulerMixin:
@@ -120,15 +124,20 @@ def denoise(
 
 
 def _decode(pipe: StableDiffusionPipeline, z0: torch.Tensor) -> torch.Tensor:
-    image = pipe.vae.decode(z0 / pipe.vae.config.scaling_factor).sample
+    image = pipe.vae.decode((z0 / pipe.vae.config.scaling_factor).to(pipe.vae.dtype)).sample
     return (image / 2 + 0.5).clamp(0, 1)
 
 
-def decode(pipe: StableDiffusionPipeline, z0: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
-    """VAE decode to images in [0, 1] (optionally checkpointed)."""
+def decode(pipe: StableDiffusionPipeline, z0: torch.Tensor, use_checkpoint: bool = False,
+           slice_size: int | None = None) -> torch.Tensor:
+    """VAE decode to images in [0, 1], ``slice_size`` images at a time (each slice checkpointed
+    on its own when ``use_checkpoint``); per-image results do not depend on the slicing."""
+    parts = z0.split(slice_size) if slice_size else (z0,)
     if use_checkpoint and z0.requires_grad:
-        return checkpoint(_decode, pipe, z0, use_reentrant=False)
-    return _decode(pipe, z0)
+        images = [checkpoint(_decode, pipe, part, use_reentrant=False) for part in parts]
+    else:
+        images = [_decode(pipe, part) for part in parts]
+    return images[0] if len(images) == 1 else torch.cat(images)
 
 
 def generate(
@@ -148,4 +157,4 @@ def generate(
         cond = encode_prompts(pipe, prompts)
         latents = noise.to(device=pipe.unet.device, dtype=pipe.unet.dtype) * fresh_scheduler(pipe).init_noise_sigma
         z0 = denoise(pipe, latents, cond.to(pipe.unet.dtype), None if uncond is None else uncond.to(pipe.unet.dtype), config)
-        return decode(pipe, z0, use_checkpoint=grad and config.checkpoint_vae).float()
+        return decode(pipe, z0, use_checkpoint=grad and config.checkpoint_vae, slice_size=config.vae_slice).float()

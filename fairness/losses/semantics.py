@@ -7,7 +7,9 @@ configurable list of image encoders (CLIP and DINO in the paper). The *gradient*
 :math:`x_i` is reweighted per pixel: :math:`\lambda_1` on the whole image when every target
 class equals the original's class (that image is already fine, change it little); otherwise
 :math:`\lambda_2` outside and :math:`\lambda_3` inside the face box (the face must change, the
-rest should not). An image whose original shows a face but which shows none itself falls
+rest should not). "Agrees" is read as the paper and the official code read it (see
+:func:`gradient_weight_map`): only a confident target can agree, and only with the class of a
+face found in the original. An image whose original shows a face but which shows none itself falls
 outside these rules: it leaves the alignment loss, which is how debiasing can erase faces
 rather than change them, and :func:`lost_region_weight` gives it its own weight. The forward
 value is unweighted, so the logged term stays comparable across runs; the weights act through
@@ -21,6 +23,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from fairness.losses.alignment import confident_mask
 from fairness.perception.base import ImageEncoder, Regions
 from fairness.perception.regions import region_mask
 from fairness.targets.assignment import AttributeTargets
@@ -56,19 +59,36 @@ def gradient_weight_map(
     regions: Regions,
     height: int,
     width: int,
+    *,
+    thresholds: Mapping[str, float],
+    original_found: torch.Tensor,
 ) -> torch.Tensor:
     """``(B, 1, H, W)`` per-pixel gradient weights; per attribute, then the minimum over them.
 
-    An attribute whose target agrees with the original's class (or has no target: no face)
-    gives :math:`\\lambda_1` everywhere; one that disagrees gives :math:`\\lambda_2` off the face
-    and :math:`\\lambda_3` on it.
+    Paper sec. 4 ("Loss", dynamic :math:`\\lambda_{img}`): :math:`\\lambda_{img,1}` "if the
+    generated image's target class :math:`y_i` agrees with the original image's class
+    :math:`h(d_\\mathrm{face}(o_i))`"; for the others :math:`\\lambda_{img,2}` off the face and
+    :math:`\\lambda_{img,3}` on it. Per attribute, the target *agrees* when
+
+    * it is confident (:math:`c_i \\ge C`): the official code sets targets below the threshold
+      to -1 before weighing, and -1 never equals the class of an original face, so they get
+      :math:`\\lambda_{img,2}` / :math:`\\lambda_{img,3}`;
+    * the original shows a face: without one, :math:`h(d_\\mathrm{face}(o_i))` does not exist
+      (the official code's class is then -1), so it cannot agree;
+    * and it equals the original's class.
+
+    An image whose *generated* version shows no face has no target at all (target -1) and keeps
+    :math:`\\lambda_1`, the rule this project has always applied there; see
+    :func:`lost_region_weight` for the case where its original showed one.
     """
     mask = region_mask(regions, height, width)
+    found = original_found.to(mask.device).bool()
     out: torch.Tensor | None = None
     for attr, tgt in targets.items():
         w = weights[attr]
         t = torch.as_tensor(tgt.targets, device=mask.device)
-        agree = (t < 0) | (t == original_classes[attr].to(mask.device))
+        confident = confident_mask(tgt, thresholds[attr], mask.device)
+        agree = (t < 0) | (confident & found & (t == original_classes[attr].to(mask.device)))
         changed = mask * w.lambda3 + (1 - mask) * w.lambda2
         this = torch.where(agree.view(-1, 1, 1, 1), torch.full_like(mask, w.lambda1), changed)
         out = this if out is None else torch.minimum(out, this)
@@ -81,8 +101,9 @@ def lost_region_weight(weight_map: torch.Tensor, lost: torch.Tensor, weight: flo
     """Give every ``lost`` image (its original had a region, it has none) the weight ``weight``.
 
     Such an image has no target, so :func:`gradient_weight_map` treats it as already fine
-    (:math:`\\lambda_1`, the paper's rule), while it has left the alignment loss altogether: a
-    larger weight makes erasing the face cost more than changing it. ``None`` keeps the paper's rule.
+    (:math:`\\lambda_1`; the official code gives an image without a generated face the smallest
+    factor instead), while it has left the alignment loss altogether: a larger weight makes
+    erasing the face cost more than changing it. ``None`` keeps :math:`\\lambda_1`.
     """
     if weight is None:
         return weight_map

@@ -10,6 +10,7 @@ class as the evaluation one on the objects found (``agreement``).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -100,6 +101,61 @@ def _classifier_agreement(bundle: PerceptionBundle, images: torch.Tensor, region
             for a in bundle.eval_classifier.attributes if a in train_logits}
 
 
+def _file_digest(path: str) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def same_classifier(bundle: PerceptionBundle) -> bool:
+    """Whether the bundle's evaluation classifier is the same network as its training one.
+
+    The same object, or built from the same spec (``bundle.component_specs``): same backend,
+    same config and the same weights (one file, files with identical bytes, or no weights for
+    either, where the config alone fixes the network).
+    """
+    if bundle.eval_classifier is bundle.train_classifier:
+        return True
+    specs = bundle.component_specs or {}
+    train, ev = specs.get("train_classifier"), specs.get("eval_classifier")
+    if not isinstance(train, Mapping) or not isinstance(ev, Mapping):
+        return False
+    if train.get("backend") != ev.get("backend") or train.get("config", {}) != ev.get("config", {}):
+        return False
+    wt, we = train.get("weights"), ev.get("weights")
+    if wt == we:
+        return True
+    if not wt or not we:
+        return False
+    dt = _file_digest(wt)
+    return dt is not None and dt == _file_digest(we)
+
+
+def check_independent_classifiers(bundle: PerceptionBundle, allow_train_classifier: bool = False) -> bool:
+    """Refuse to audit with the training classifier unless asked to; returns independence.
+
+    The paper's evaluation classifiers are trained independently of the ones the loss trains
+    against: measured with the loss's own classifier, an audit shows whether the adapter
+    fooled that classifier, not whether the attribute changed.
+    """
+    if not same_classifier(bundle):
+        return True
+    if not allow_train_classifier:
+        raise ValueError(
+            "the perception bundle's eval_classifier is the same network as its train_classifier (same "
+            "backend, config and weights), so an audit would measure with the classifier the loss trains "
+            "against. Give bundle.json an independently trained eval_classifier (e.g. `fairness classifier "
+            "train --half second --bundle DIR --role eval_classifier`), or ask for it explicitly: "
+            "`fairness audit --classifier train`, or audit(..., allow_train_classifier=True)."
+        )
+    return False
+
+
 def _cos(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).cpu().numpy()
 
@@ -116,10 +172,16 @@ def audit(
     batch_size: int = 32,
     keep_images: bool = False,
     progress: bool = True,
+    allow_train_classifier: bool = False,
 ) -> AuditResult:
-    """Generate, classify and score; returns per-prompt rows and a summary (mean +- std)."""
+    """Generate, classify and score; returns per-prompt rows and a summary (mean +- std).
+
+    Refuses (:class:`ValueError`) a bundle whose evaluation classifier is its training
+    classifier unless ``allow_train_classifier`` (:func:`check_independent_classifiers`).
+    """
     if not prompts:
         raise ValueError("audit needs at least one prompt")
+    independent = check_independent_classifiers(bundle, allow_train_classifier)
     attrs = dict(bundle.eval_classifier.attributes)
     groups = audit_groups(attrs, joints)
     sizes = {a: len(c) for a, c in attrs.items()}
@@ -184,6 +246,8 @@ def audit(
         "agreement": {a: mean_std([r["agreement"][a] for r in rows if a in r["agreement"]])
                       for a in attrs if any(a in r["agreement"] for r in rows)},
         "prompts": len(rows),
+        # False when measured, on request, with the training classifier itself.
+        "independent_classifier": independent,
         "images_per_prompt": images_per_prompt,
         "seed": seed,
     }

@@ -23,6 +23,7 @@ the toy world and vice versa.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ _BACKEND_MODULES = {
     "toyworld.semantic_labeler": "fairness.toyworld.labels",
     "toyworld.": "fairness.toyworld.perception",
     "tiny.": "fairness.perception.tiny",
+    "real.trained_head": "fairness.perception.heads",
     "real.": "fairness.perception.real",
 }
 
@@ -62,7 +64,11 @@ def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
 
 
 def build_component(spec: dict[str, Any], root: Path | None = None) -> Any:
-    """Instantiate one component from ``{"backend", "config", "weights"}``."""
+    """Instantiate one component from ``{"backend", "config", "weights"}``.
+
+    A factory that takes a second parameter also gets ``root`` (the bundle folder), so that
+    the local weight paths in its config can be written relative to the bundle.
+    """
     name = spec.get("backend")
     if not isinstance(name, str):
         raise ValueError(f"perception component needs a 'backend' name, got {spec!r}")
@@ -72,7 +78,10 @@ def build_component(spec: dict[str, Any], root: Path | None = None) -> Any:
     if name not in _BACKENDS:
         known = ", ".join(sorted(_BACKENDS)) or "none"
         raise KeyError(f"unknown perception backend {name!r} (registered: {known})")
-    component = _BACKENDS[name](dict(spec.get("config", {})))
+    factory = _BACKENDS[name]
+    config = dict(spec.get("config", {}))
+    takes_root = len(inspect.signature(factory).parameters) > 1
+    component = factory(config, root) if takes_root else factory(config)
     weights = spec.get("weights")
     if weights:
         path = Path(weights) if root is None else root / weights
@@ -100,6 +109,9 @@ class PerceptionBundle:
     # Optional: prompt -> {semantic attribute: expected class (None = no object)}, for the
     # semantic-accuracy metric in worlds where the prompt fixes a class (the toy world).
     semantic_labeler: Callable[[str], dict[str, str | None] | None] | None = None
+    # The specs the components were built from (bundle.json's "components", weights paths made
+    # absolute); empty for bundles built in code. The audit compares the two classifiers' specs.
+    component_specs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         missing = [n for n in self.semantic_encoders + list(self.eval_encoders.values()) if n not in self.encoders]
@@ -125,8 +137,18 @@ class PerceptionBundle:
         return [m for m in parts if isinstance(m, nn.Module)]
 
 
-def load_bundle(path: str | Path) -> PerceptionBundle:
-    """Load a bundle folder (see module docstring)."""
+def _load_face_bank(root: Path, name: str) -> torch.Tensor:
+    path = root / name
+    if not path.exists():
+        raise FileNotFoundError(
+            f"face bank {path} (bundle.json 'face_bank') not found: build it from real face photos with "
+            f"`fairness bank faces --images FACES_DIR --out {path} --perception {root}`")
+    return load_file(str(path))["bank"]
+
+
+def load_bundle(path: str | Path, face_bank: bool = True) -> PerceptionBundle:
+    """Load a bundle folder (see module docstring). ``face_bank=False`` skips the bank, for the
+    command that builds it from the bundle's own detector and embedder."""
     root = Path(path)
     manifest = root / "bundle.json"
     if not manifest.exists():
@@ -137,6 +159,12 @@ def load_bundle(path: str | Path) -> PerceptionBundle:
         if required not in comps:
             raise KeyError(f"{manifest}: components.{required} is required")
     bank = spec.get("face_bank")
+
+    def resolved(c: Any) -> Any:  # bundle.json's components, every weights path made absolute
+        if isinstance(c, dict) and "backend" in c:
+            return {**c, "weights": str((root / c["weights"]).resolve())} if c.get("weights") else dict(c)
+        return {k: resolved(v) for k, v in c.items()} if isinstance(c, dict) else c
+
     return PerceptionBundle(
         detector=build_component(comps["detector"], root),
         train_classifier=build_component(comps["train_classifier"], root),
@@ -146,6 +174,7 @@ def load_bundle(path: str | Path) -> PerceptionBundle:
         eval_encoders=dict(spec.get("eval_encoders", {})),
         text_image_encoder=build_component(comps["text_image_encoder"], root) if "text_image_encoder" in comps else None,
         face_embedder=build_component(comps["face_embedder"], root) if "face_embedder" in comps else None,
-        face_bank=load_file(str(root / bank))["bank"] if bank else None,
+        face_bank=_load_face_bank(root, bank) if bank and face_bank else None,
         semantic_labeler=build_component(comps["semantic_labeler"], root) if "semantic_labeler" in comps else None,
+        component_specs=resolved(comps),
     )

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from fairness.perception.base import AttributeClassifier, FaceEmbedder, ImageEncoder, TextImageEncoder
+from fairness.perception.base import AttributeClassifier, FaceEmbedder, TextImageEncoder
 from fairness.perception.bundle import register_backend
 
 

@@ -12,14 +12,35 @@ eqs. 4-6). Because targets are one-hot, a draw is fully described by its class-c
 :math:`n` (multinomial), and the matching is a transport problem from N images (mass 1/N each)
 to K classes (mass :math:`n_k/N`), solved exactly with POT's ``ot.emd``.
 
-Three ways to take the expectation:
+Four ways to take the expectation:
 
 * ``binary`` (K = 2): sorting solves the matching; image of rank r (0 = most likely class 1)
   gets class 1 iff more than r targets are class 1, so :math:`q_{i,1} = P(\mathrm{Bin}(N, d_1) > r)`.
-* ``exact``: enumerate the most probable count vectors up to ``mass`` of the multinomial
-  probability, solve each, average the plans with renormalised multinomial weights.
+* ``exact``: enumerate *every* count vector (:math:`\binom{N+K-1}{K-1}` of them), solve each,
+  average the plans with their multinomial weights: the expectation itself.
+* ``truncated``: enumerate only the most probable count vectors covering ``mass`` of the
+  multinomial probability (SPEC: ~95%), renormalise their weights. Cheaper, slightly biased
+  toward the typical draws. ``auto`` uses it, at 0.95, when there are few count vectors.
 * ``monte_carlo``: draw ``samples`` count vectors, solve each, average (joint attributes,
   large K).
+
+``exact`` and ``truncated`` refuse a problem with more than :data:`ENUMERATION_LIMIT` count
+vectors (N = 40 images over K = 16 joint classes has ~10^13) instead of running for ever.
+
+Joint groups (several attributes matched together over their K = prod K_a joint classes) take
+one of two transport costs, ``joint_cost``:
+
+* ``joint`` (default): :math:`\lVert p^{\otimes}_i - e_j\rVert_2` between the image's joint
+  probabilities (outer product of its per-attribute ones) and the joint class's one-hot;
+* ``concatenated`` (the official code's): :math:`\sqrt{\sum_a \lVert p_{i,a} - e_{j_a}\rVert_2^2}`,
+  the distance between the concatenated per-attribute probabilities and the concatenated
+  per-attribute one-hots of joint class :math:`j = (j_1, \dots)`.
+
+They agree for a single attribute. For a joint group they differ in what a wrong class costs:
+for a confidently classified image the joint cost is :math:`\sqrt 2` whether one attribute or
+all of them must change, so OT is indifferent between the two; the concatenated cost is
+:math:`\sqrt{2m}` for m changed attributes and prefers assignments that change fewer attributes
+per image.
 
 Images without a detected face are excluded up front (their rows get no target).
 """
@@ -38,7 +59,9 @@ from scipy.stats import binom
 from fairness.seeding import numpy_rng
 from fairness.targets.distributions import TargetGroup
 
-Method = Literal["auto", "binary", "exact", "monte_carlo"]
+Method = Literal["auto", "binary", "exact", "truncated", "monte_carlo"]
+JointCost = Literal["joint", "concatenated"]
+ENUMERATION_LIMIT = 100_000  # count vectors; one ot.emd solve each
 
 
 @dataclass(frozen=True)
@@ -50,10 +73,14 @@ class AttributeTargets:
     q: np.ndarray
 
 
-def _transport_rows(p: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Exact OT of N images (rows of ``p``) onto classes with ``counts`` (sum N): (N, K) plan x N."""
-    n, k = p.shape
-    cost = ot.dist(p, np.eye(k), metric="euclidean")
+def class_cost(p: np.ndarray) -> np.ndarray:
+    """(N, K) Euclidean distance of each image's probabilities to each class's one-hot."""
+    return ot.dist(p, np.eye(p.shape[1]), metric="euclidean")
+
+
+def _transport_rows(cost: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Exact OT of N images onto classes with ``counts`` (sum N) under ``cost``: (N, K) plan x N."""
+    n = cost.shape[0]
     plan = ot.emd(np.full(n, 1.0 / n), counts.astype(np.float64) / n, cost)
     return plan * n
 
@@ -108,22 +135,35 @@ def binary_tolerance(n: int, d1: float, threshold: float) -> tuple[int, int]:
     return int((confident & (target == 1)).sum()), n - int((confident & (target == 0)).sum())
 
 
-def exact_q(p: np.ndarray, d: np.ndarray, mass: float = 0.95) -> np.ndarray:
-    """Expectation over the most probable count vectors covering ``mass`` of the probability."""
-    counts = _count_vectors(len(p), len(d))
+def check_enumerable(n: int, k: int, method: str, limit: int = ENUMERATION_LIMIT) -> None:
+    """Refuse an enumeration of more than ``limit`` count vectors, naming the way out."""
+    count = num_count_vectors(n, k)
+    if count > limit:
+        raise ValueError(
+            f"ot_method {method!r} would enumerate {count:.3g} class-count vectors for N={n} images over K={k} "
+            f"classes (limit {limit:,}); use ot_method 'monte_carlo' (or 'auto') for a problem this size")
+
+
+def enumerated_q(cost: np.ndarray, d: np.ndarray, mass: float = 1.0) -> np.ndarray:
+    """Expectation over count vectors under ``cost`` (N, K): all of them for ``mass`` 1 (``exact``),
+    else the most probable ones covering ``mass`` of the multinomial probability (``truncated``)."""
+    n, k = cost.shape
+    check_enumerable(n, k, "exact" if mass >= 1 else "truncated")
+    counts = _count_vectors(n, k)
     logw = _multinomial_logpmf(counts, d)
     order = np.argsort(-logw, kind="stable")
     w = np.exp(logw[order])
-    keep = int(np.searchsorted(np.cumsum(w), mass * w.sum()) + 1)
+    # Count vectors of probability 0 (a class the target excludes) change nothing: skip their solves.
+    keep = int(np.searchsorted(np.cumsum(w), mass * w.sum()) + 1) if mass < 1 else int((w > 0).sum())
     counts, w = counts[order[:keep]], w[:keep] / w[:keep].sum()
-    return sum(wi * _transport_rows(p, c) for wi, c in zip(w, counts))
+    return sum(wi * _transport_rows(cost, c) for wi, c in zip(w, counts))
 
 
-def monte_carlo_q(p: np.ndarray, d: np.ndarray, samples: int, rng: np.random.Generator) -> np.ndarray:
+def monte_carlo_q(cost: np.ndarray, d: np.ndarray, samples: int, rng: np.random.Generator) -> np.ndarray:
     """Average OT plans over ``samples`` iid target sets (each solved once per distinct draw)."""
-    draws = rng.multinomial(len(p), d, size=samples)
+    draws = rng.multinomial(len(cost), d, size=samples)
     unique, mult = np.unique(draws, axis=0, return_counts=True)
-    return sum(m * _transport_rows(p, c) for m, c in zip(mult, unique)) / samples
+    return sum(m * _transport_rows(cost, c) for m, c in zip(mult, unique)) / samples
 
 
 def expected_assignment(
@@ -136,8 +176,14 @@ def expected_assignment(
     mass: float = 0.95,
     max_enumeration: int = 5000,
     key: str = "",
+    cost: np.ndarray | None = None,
 ) -> np.ndarray:
-    """:math:`q` for images with class probabilities ``p`` (N, K) and target ``d`` (K,)."""
+    """:math:`q` for images with class probabilities ``p`` (N, K) and target ``d`` (K,).
+
+    ``cost`` (N, K) is the transport cost of image i to class k (default :func:`class_cost`);
+    ``binary`` sorts by ``p`` and needs none. ``mass`` applies to ``truncated`` (and ``auto``,
+    which enumerates truncated when at most ``max_enumeration`` count vectors exist).
+    """
     p = np.asarray(p, dtype=np.float64)
     d = np.asarray(d, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != d.shape[0]:
@@ -150,17 +196,22 @@ def expected_assignment(
         if len(d) == 2:
             method = "binary"
         elif num_count_vectors(len(p), len(d)) <= max_enumeration:
-            method = "exact"
+            method = "truncated"
         else:
             method = "monte_carlo"
     if method == "binary":
         if len(d) != 2:
             raise ValueError("the binary closed form needs exactly 2 classes")
         return binary_q(p[:, 1], float(d[1]))
+    cost = class_cost(p) if cost is None else np.asarray(cost, dtype=np.float64)
+    if cost.shape != p.shape:
+        raise ValueError(f"cost {cost.shape} does not match probabilities {p.shape}")
     if method == "exact":
-        return exact_q(p, d, mass)
+        return enumerated_q(cost, d, 1.0)
+    if method == "truncated":
+        return enumerated_q(cost, d, mass)
     if method == "monte_carlo":
-        return monte_carlo_q(p, d, samples, numpy_rng(seed, "ot-targets", key))
+        return monte_carlo_q(cost, d, samples, numpy_rng(seed, "ot-targets", key))
     raise ValueError(f"unknown assignment method {method!r}")
 
 
@@ -173,6 +224,16 @@ def joint_probabilities(group: TargetGroup, probs: Mapping[str, np.ndarray]) -> 
     return out
 
 
+def concatenated_cost(group: TargetGroup, probs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """(N, K_joint) official-code cost: distance of the concatenated per-attribute probabilities to
+    the concatenated per-attribute one-hots of each joint class (joint classes in row-major order,
+    as :func:`joint_probabilities` and ``group.flat()`` order them)."""
+    p = np.concatenate([np.asarray(probs[a], dtype=np.float64) for a in group.attributes], axis=1)
+    classes = np.unravel_index(np.arange(group.num_joint_classes), group.probs.shape)
+    onehots = np.concatenate([np.eye(k)[c] for k, c in zip(group.probs.shape, classes)], axis=1)
+    return ot.dist(p, onehots, metric="euclidean")
+
+
 def assign_targets(
     groups: list[TargetGroup],
     probs: Mapping[str, np.ndarray],
@@ -182,11 +243,12 @@ def assign_targets(
     method: Method = "auto",
     samples: int = 200,
     mass: float = 0.95,
+    joint_cost: JointCost = "joint",
 ) -> dict[str, AttributeTargets]:
     """Targets for every attribute of every group; invalid images (no face) get target -1.
 
-    For a joint group, OT runs over the joint classes and each attribute's target comes from
-    the marginal of ``q`` (SPEC section 1).
+    For a joint group, OT runs over the joint classes (under ``joint_cost``, see the module
+    docstring) and each attribute's target comes from the marginal of ``q`` (SPEC section 1).
     """
     n = len(next(iter(probs.values())))
     valid = np.ones(n, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
@@ -196,8 +258,10 @@ def assign_targets(
         if missing:
             raise KeyError(f"no classifier probabilities for attribute(s) {missing}")
         sub = {a: np.asarray(probs[a])[valid] for a in g.attributes}
+        cost = concatenated_cost(g, sub) if joint_cost == "concatenated" else None
         q_joint = expected_assignment(
             joint_probabilities(g, sub), g.flat(), method=method, seed=seed, samples=samples, mass=mass, key=g.name,
+            cost=cost,
         ).reshape((-1,) + g.probs.shape)
         for axis, attr in enumerate(g.attributes):
             other = tuple(i + 1 for i in range(len(g.attributes)) if i != axis)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from fairness.adapters.io import export_adapter
@@ -28,7 +29,7 @@ from fairness.config import DebiasConfig
 from fairness.metrics.bias import target_gap
 from fairness.seeding import derive_seed, image_noise, numpy_rng
 from fairness.training.debiaser import Debiaser
-from fairness.training.bank import OriginalsBank
+from fairness.training.bank import OriginalsBank, bank_fingerprint
 from fairness.training.objective import Collective, OriginalsInfo, SingleProcess
 from fairness.training.prompts import PromptSampler, resolve_prompts
 from fairness.training.rundir import RunDir
@@ -57,30 +58,44 @@ CheckpointHook = Callable[[int, Path | None, dict[str, Any]], None]
 
 
 class EMA:
-    """Exponential moving average of the trainable parameters (official code: 0.996)."""
+    """Exponential moving average of the trainable parameters: diffusers' ``EMAModel``, as the
+    official code uses it (decay 0.996 and EMAModel's default warm-up).
+
+    The decay of update s (0-based) is ``min(decay, (1 + s) / (10 + s))``, and 0 at the first
+    update: the average starts from the first trained weights, not from the initial ones. A
+    constant 0.996 from step 0 would still hold 0.996^200 = 45% of the initial (untrained)
+    adapter in the EMA at the first checkpoint (step 200), which is what validation and export
+    would then measure.
+    """
 
     def __init__(self, params: list[torch.nn.Parameter], decay: float):
-        self.params, self.decay = params, decay
-        self.shadow = [p.detach().clone() for p in params]
+        self.params = params
+        self.model = EMAModel(params, decay=decay)
 
-    @torch.no_grad()
+    @property
+    def shadow(self) -> list[torch.Tensor]:
+        return self.model.shadow_params
+
     def update(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            s.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+        self.model.step(self.params)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.model.state_dict()  # holds references: copy the averages
+        return {**state, "shadow_params": [s.detach().clone() for s in state["shadow_params"]]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)
+        self.model.shadow_params = [s.to(p.device) for s, p in zip(self.model.shadow_params, self.params)]
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
         """Temporarily load the EMA weights into the model."""
-        saved = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, s in zip(self.params, self.shadow):
-                p.copy_(s)
+        self.model.store(self.params)
+        self.model.copy_to(self.params)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p, s in zip(self.params, saved):
-                    p.copy_(s)
+            self.model.restore(self.params)
 
 
 @dataclass
@@ -114,6 +129,8 @@ class Trainer:
         if n % w:
             raise ValueError(f"images_per_prompt ({n}) must be divisible by the number of workers ({w})")
         self.model = debiaser or Debiaser(cfg)
+        if self.bank is not None:
+            self.bank.check(bank_fingerprint(cfg), self.model.objective.attributes)
         self.sampler = PromptSampler(cfg.prompts.train, cfg.seed)
         self.val_prompts = [p for ps in cfg.prompts.val for p in resolve_prompts(ps)][: cfg.train.val_prompts]
         self.params = self.model.adapter.parameters()
@@ -136,16 +153,18 @@ class Trainer:
         return {
             "step": self.step, "skipped": self.skipped, "best_score": self.best_score, "best_step": self.best_step,
             "best_state": self.best_state, "adapter": self.model.adapter.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "ema": [s.clone() for s in self.ema.shadow] if self.ema else None,
+            "ema": self.ema.state_dict() if self.ema else None,
             "scaler": self.scaler.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.adapter.load_state_dict(state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema and state.get("ema") is not None:
-            for s, v in zip(self.ema.shadow, state["ema"]):
-                s.copy_(v.to(s.device))
+        ema = state.get("ema")
+        if isinstance(ema, list):  # checkpoints from before EMAModel stored the averages alone
+            ema = {"shadow_params": ema, "optimization_step": state["step"] - state["skipped"]}
+        if self.ema and ema is not None:
+            self.ema.load_state_dict(ema)
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.skipped = state["step"], state["skipped"]
         self.best_score, self.best_step = state["best_score"], state["best_step"]

@@ -51,6 +51,8 @@ class OriginalsInfo:
     """What the loss needs from the frozen model's images: their classes and encoder features.
 
     An originals bank stores exactly this, so training can skip regenerating the originals.
+    Where ``found`` is False the class is the classifier's reading of the whole image; the
+    dynamic weights never count it as agreeing with a target (the original has no face class).
     """
 
     classes: dict[str, torch.Tensor]
@@ -114,18 +116,20 @@ class Objective:
             k = logits[a].shape[-1]
             probs[a] = all_probs[:, offset:offset + k]
             offset += k
-        global_targets = assign_targets(self.groups, probs, all_found, seed=seed,
-                                        method=self.cfg.ot_method, samples=self.cfg.ot_samples)
+        global_targets = assign_targets(self.groups, probs, all_found, seed=seed, method=self.cfg.ot_method,
+                                        samples=self.cfg.ot_samples, mass=self.cfg.ot_mass,
+                                        joint_cost=self.cfg.ot_joint_cost)
         targets = {a: AttributeTargets(t.targets[split], t.confidence[split], t.q[split]) for a, t in global_targets.items()}
         num_faces_global = int(all_found.sum())
         n_global = len(all_found)
         # Per-worker normaliser chosen so that averaging the workers' gradients gives exactly the
         # single-process gradient of the whole batch (equal shares of N per worker).
         num_faces = max(num_faces_global, 1) * images.shape[0] / max(n_global, 1)
-        l_align = alignment_loss(logits, targets, {a: self.cfg.threshold(a) for a in self.attributes},
-                                 num_faces if num_faces_global else 0)
+        thresholds = {a: self.cfg.threshold(a) for a in self.attributes}
+        l_align = alignment_loss(logits, targets, thresholds, num_faces if num_faces_global else 0)
         weight_map = gradient_weight_map(targets, originals.classes, {a: self.cfg.img_weights(a) for a in self.attributes},
-                                         regions, images.shape[-2], images.shape[-1])
+                                         regions, images.shape[-2], images.shape[-1],
+                                         thresholds=thresholds, original_found=originals.found)
         lost = originals.found.to(found.device) & ~found
         weight_map = lost_region_weight(weight_map, lost, self.cfg.lost_face_weight)
         l_img, per_enc = image_semantics_loss(scale_grad(images, weight_map), originals.features, self.encoders)
