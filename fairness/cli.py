@@ -83,15 +83,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from fairness.metrics.audit import audit
     from fairness.models.loading import load_perception
 
+    # Cheapest first: the prompt file and the bundle fail before the pipeline loads.
+    prompts = read_corpus(args.prompts).prompts
+    bundle = load_perception(args.perception)
     model = load_model(args.model, args.adapter, args.dtype, args.device)
-    bundle = load_perception(args.perception).to(model.pipe.device)
+    bundle = bundle.to(model.pipe.device)
     allow_train = args.classifier == "train"  # asking for it is what allows it (see audit's rule)
     if allow_train:
         specs = dict(bundle.component_specs)
         if "train_classifier" in specs:
             specs["eval_classifier"] = specs["train_classifier"]
         bundle = dataclasses.replace(bundle, eval_classifier=bundle.train_classifier, component_specs=specs)
-    prompts = read_corpus(args.prompts).prompts
     sampling = _sampling(args)
 
     def gen(p, noise):
@@ -441,6 +443,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, TargetError, FileNotFoundError, FileExistsError, KeyError, ValueError) as exc:
         print(f"fairness {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        # Training faults (docs/bad-inputs.md): a signal stops with 128 + its number after a
+        # checkpoint; a failed checkpoint write or a diverged loss is an error (2).
+        from fairness.training.loop import NonFiniteLossError, TrainingInterrupted
+        from fairness.training.rundir import CheckpointError
+
+        if isinstance(exc, TrainingInterrupted):
+            print(f"fairness {args.command}: {exc}", file=sys.stderr)
+            return exc.exit_code
+        if isinstance(exc, (CheckpointError, NonFiniteLossError)):
+            print(f"fairness {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

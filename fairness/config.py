@@ -178,6 +178,9 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(None, gt=0)
     ema_decay: float | None = Field(0.996, ge=0, lt=1)
     checkpoint_every: int = Field(200, ge=1)
+    max_nonfinite_steps: int | None = Field(
+        20, ge=1, description="stop with an error after this many consecutive iterations skipped for a "
+        "non-finite loss or gradient (fp16 overflow skips count once the loss scale is below 1); None: never")
     val_images_per_prompt: int = Field(16, ge=1)
     val_prompts: int | None = Field(None, ge=1, description="cap on validation prompts per check")
     select_best: Literal["val_score", "last"] = Field(
@@ -200,6 +203,16 @@ class DebiasConfig(Strict):
     dft: DFTConfig = Field(default_factory=DFTConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     audit_images_per_prompt: int = Field(32, ge=1)
+
+    @field_validator("target")
+    @classmethod
+    def _target_numbers(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """The target's shape and numbers, checked here so a bad target fails before any model
+        loads; its attribute and class names need the perception bundle (:class:`Debiaser`)."""
+        from fairness.targets.distributions import TargetSpec, check_target_numbers
+
+        check_target_numbers(TargetSpec.from_dict(v))
+        return v
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -256,6 +269,13 @@ def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return _deep_merge(_read_yaml(p.parent / parent, seen + (p.resolve(),)), data)
 
 
+def _error_line(error: Mapping[str, Any]) -> str:
+    """``field.path: message``; a validator's message that already names its field is kept whole."""
+    loc = ".".join(str(x) for x in error["loc"])
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    return msg if msg.startswith(loc + ".") or msg.startswith(loc + ":") else f"{loc}: {msg}"
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DebiasConfig:
     """Read (following ``extends``), merge ``overrides`` (dotted keys), and validate a YAML config.
 
@@ -269,5 +289,5 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> De
     try:
         return DebiasConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        lines = [_error_line(e) for e in exc.errors()]
         raise ConfigError(f"{p}: invalid config\n  " + "\n  ".join(lines)) from None

@@ -64,9 +64,11 @@ class LoadedModel:
 
 
 def load_model(model: str, adapter: str | None = None, dtype: str = "float32", device: str = "auto") -> LoadedModel:
+    """The pipeline with ``adapter`` loaded. A bad adapter folder fails before the pipeline
+    loads; one trained on another base model fails before its weights touch the pipeline."""
+    kind = read_adapter_manifest(adapter)["kind"] if adapter is not None else None
     pipe = load_pipeline(model, dtype, device)
     if adapter is None:
         return LoadedModel(pipe, "", False)
-    kind = read_adapter_manifest(adapter)["kind"]
     prefix = load_adapter_into(pipe, adapter)
     return LoadedModel(pipe, prefix, kind != "soft_tokens")

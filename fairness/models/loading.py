@@ -70,6 +70,16 @@ def use_sdpa(pipe: StableDiffusionPipeline) -> None:
             model.set_attn_processor(AttnProcessor2_0())
 
 
+def check_model_folder(path: str) -> str:
+    """The resolved model path; a local folder without ``model_index.json`` fails here, in
+    milliseconds, so callers can check it before any expensive load (hub ids pass through)."""
+    resolved = resolve_model_path(path)
+    local = Path(resolved)
+    if (local.is_absolute() or resolved.startswith(".")) and not (local / "model_index.json").exists():
+        raise FileNotFoundError(f"no diffusers pipeline at {local} (model_index.json missing)")
+    return resolved
+
+
 def load_pipeline(path: str, dtype: str = "float32", device: str = "auto") -> StableDiffusionPipeline:
     """A ``StableDiffusionPipeline`` sampling with DPM-Solver++, frozen weights in ``dtype``.
 
@@ -77,10 +87,7 @@ def load_pipeline(path: str, dtype: str = "float32", device: str = "auto") -> St
     float32 (see :mod:`fairness.adapters.trainable`); training samples under autocast
     (:class:`~fairness.training.debiaser.Debiaser`).
     """
-    resolved = resolve_model_path(path)
-    local = Path(resolved)
-    if (local.is_absolute() or resolved.startswith(".")) and not (local / "model_index.json").exists():
-        raise FileNotFoundError(f"no diffusers pipeline at {local} (model_index.json missing)")
+    resolved = check_model_folder(path)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             resolved, dtype=DTYPES[dtype], safety_checker=None, requires_safety_checker=False,

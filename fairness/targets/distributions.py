@@ -67,20 +67,58 @@ def _check_probs(where: str, probs: Probabilities, classes: list[str]) -> np.nda
     unknown = [c for c in probs if c not in classes]
     if unknown:
         raise TargetError(f"{where}: unknown class(es) {unknown}; known classes are {classes}")
-    values = []
-    for c in classes:
-        p = probs.get(c, 0.0)
+    _check_numbers(where, probs)
+    return np.asarray([float(probs.get(c, 0.0)) for c in classes], dtype=np.float64)
+
+
+def _check_numbers(where: str, probs: Probabilities) -> None:
+    """The numbers of a ``{class: p}`` mapping: each finite and >= 0, summing to 1 (1e-6)."""
+    if not probs:
+        raise TargetError(f"{where}: the distribution is empty")
+    for c, p in probs.items():
         if isinstance(p, bool) or not isinstance(p, (int, float)):
             raise TargetError(f"{where}: probability of {c!r} must be a number, got {p!r}")
         if not math.isfinite(p):
             raise TargetError(f"{where}: probability of {c!r} is not finite ({p})")
         if p < 0:
             raise TargetError(f"{where}: probability of {c!r} is negative ({p})")
-        values.append(float(p))
-    total = sum(values)
+    total = sum(float(p) for p in probs.values())
     if abs(total - 1.0) > 1e-6:
         raise TargetError(f"{where}: probabilities sum to {total:.6g}, not 1")
-    return np.asarray(values, dtype=np.float64)
+
+
+def _check_dist(where: str, spec: Any) -> None:
+    if spec == "uniform":
+        return
+    if not isinstance(spec, Mapping):
+        raise TargetError(f"{where}: expected 'uniform' or a mapping class -> probability, got {spec!r}")
+    _check_numbers(where, spec)
+
+
+def check_target_numbers(spec: "TargetSpec") -> None:
+    """Validate what a target states without knowing the classifier: its shape and every
+    probability (finite, non-negative, summing to 1). Runs at config load, before any model or
+    bundle is read; class and attribute names are checked by :meth:`TargetSpec.compile`."""
+    if not spec.marginals and not spec.joint and not spec.conditional:
+        raise TargetError("target is empty: give marginals, joint and/or conditional distributions")
+    if spec.marginals is not None and not isinstance(spec.marginals, Mapping):
+        raise TargetError(f"target.marginals: expected a mapping attribute -> distribution, got {spec.marginals!r}")
+    for attr, dist in (spec.marginals or {}).items():
+        _check_dist(f"target.marginals.{attr}", dist)
+    if spec.joint:
+        if not isinstance(spec.joint, Mapping) or "attributes" not in spec.joint:
+            raise TargetError("target.joint needs 'attributes' (a list) and 'probs'")
+        _check_dist("target.joint.probs", spec.joint.get("probs", "uniform"))
+    for i, cond in enumerate(spec.conditional):
+        where = f"target.conditional[{i}]"
+        if not isinstance(cond, Mapping):
+            raise TargetError(f"{where}: expected a mapping with 'attribute', 'given' and 'probs', got {cond!r}")
+        probs = cond.get("probs")
+        if isinstance(probs, Mapping) and probs and all(isinstance(v, Mapping) for v in probs.values()):
+            for key, dist in probs.items():
+                _check_dist(f"{where}.probs[{str(key).replace(' ', '')}]", dist)
+        else:
+            _check_dist(f"{where}.probs", probs)
 
 
 def _uniform_or(where: str, spec: Any, classes: list[str]) -> np.ndarray:

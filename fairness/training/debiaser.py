@@ -15,24 +15,29 @@ from fairness.adapters.trainable import attach_adapter
 from fairness.config import DebiasConfig
 from fairness.dft.engine import generate
 from fairness.seeding import derive_seed
-from fairness.models.loading import load_perception, load_pipeline, resolve_device
+from fairness.models.loading import check_model_folder, load_perception, load_pipeline, resolve_device
 from fairness.targets.distributions import TargetSpec
 from fairness.training.objective import Objective
 
 
 class Debiaser:
+    """Built cheapest check first, so a bad input fails before the expensive loads: the config
+    already validated the target's numbers; then the model folder's presence, the perception
+    bundle and the target's attribute and class names, and only then the diffusion pipeline."""
+
     def __init__(self, cfg: DebiasConfig, device: str | None = None):
         self.cfg = cfg
         self.device = resolve_device(device or cfg.model.device)
+        check_model_folder(cfg.model.path)
+        self.bundle = load_perception(cfg.perception).to(self.device)
+        self.groups = TargetSpec.from_dict(cfg.target).compile(self.bundle.attributes)
+        self.objective = Objective(self.bundle, self.groups, cfg.loss)
         self.pipe = load_pipeline(cfg.model.path, cfg.model.dtype, str(self.device))
         # The adapter's random init (LoRA A matrices) is keyed by the run seed, not by whatever
         # the global RNG holds, so every worker and every resumed process starts identical.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(cfg.seed, "adapter-init"))
             self.adapter = attach_adapter(self.pipe, cfg.adapter.spec())
-        self.bundle = load_perception(cfg.perception).to(self.device)
-        self.groups = TargetSpec.from_dict(cfg.target).compile(self.bundle.attributes)
-        self.objective = Objective(self.bundle, self.groups, cfg.loss)
         half = cfg.model.dtype in ("float16", "bfloat16")
         self.autocast_dtype = getattr(torch, cfg.model.dtype) if half else None
 

@@ -8,13 +8,26 @@ checkpoint, validate on held-out prompts, keep the best.
 
 All randomness of iteration ``s`` is derived from (seed, s), so a resumed run reproduces the
 uninterrupted one exactly, and any split of the batch over workers draws the same images.
+
+Faults (see also :mod:`fairness.training.rundir` and docs/bad-inputs.md):
+
+* SIGTERM / SIGINT (single process, main thread): the current iteration finishes, a checkpoint
+  of it is written (no validation, so the resumed run stays identical to an uninterrupted one)
+  and :class:`TrainingInterrupted` is raised; ``fairness debias`` exits 128 + the signal
+  number (143 / 130). A second SIGINT interrupts at once.
+* Non-finite loss or gradients: the update is skipped and counted; ``fit`` warns with the count
+  at the end, and ``train.max_nonfinite_steps`` consecutive skipped iterations stop the run with
+  :class:`NonFiniteLossError` (its weights are those of the last finite step).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -33,6 +46,24 @@ from fairness.training.bank import OriginalsBank, bank_fingerprint
 from fairness.training.objective import Collective, OriginalsInfo, SingleProcess
 from fairness.training.prompts import PromptSampler, resolve_prompts
 from fairness.training.rundir import RunDir
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on a signal after checkpointing the last finished iteration."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {name} after step {step}; checkpoint {checkpoint} written, rerun the same "
+                         "command (same --run-dir) to resume")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive iterations skipped for a non-finite loss or gradient: the run diverged."""
 
 
 class Distributed(Collective, Protocol):
@@ -128,17 +159,20 @@ class Trainer:
         n, w = cfg.train.images_per_prompt, self.collective.world_size
         if n % w:
             raise ValueError(f"images_per_prompt ({n}) must be divisible by the number of workers ({w})")
+        # Prompts first: a bad prompt file fails before any model loads.
+        self.sampler = PromptSampler(cfg.prompts.train, cfg.seed)
+        self.val_prompts = [p for ps in cfg.prompts.val for p in resolve_prompts(ps)][: cfg.train.val_prompts]
         self.model = debiaser or Debiaser(cfg)
         if self.bank is not None:
             self.bank.check(bank_fingerprint(cfg), self.model.objective.attributes)
-        self.sampler = PromptSampler(cfg.prompts.train, cfg.seed)
-        self.val_prompts = [p for ps in cfg.prompts.val for p in resolve_prompts(ps)][: cfg.train.val_prompts]
         self.params = self.model.adapter.parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.ema = EMA(self.params, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.model.dtype == "float16" and self.model.device.type == "cuda")
         self.step = 0
         self.skipped = 0
+        self.nonfinite_streak = 0  # consecutive skipped iterations that count towards divergence
+        self._stop_signal: int | None = None
         self.best_score: float | None = None
         self.best_step: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -154,7 +188,7 @@ class Trainer:
             "step": self.step, "skipped": self.skipped, "best_score": self.best_score, "best_step": self.best_step,
             "best_state": self.best_state, "adapter": self.model.adapter.state_dict(), "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
-            "scaler": self.scaler.state_dict(),
+            "scaler": self.scaler.state_dict(), "nonfinite_streak": self.nonfinite_streak,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -169,13 +203,18 @@ class Trainer:
         self.step, self.skipped = state["step"], state["skipped"]
         self.best_score, self.best_step = state["best_score"], state["best_step"]
         self.best_state = state.get("best_state")
+        self.nonfinite_streak = state.get("nonfinite_streak", 0)
 
     def resume(self, checkpoint: Path | None = None) -> bool:
-        """Continue from ``checkpoint`` or the run directory's latest one; False if none."""
-        path = checkpoint or self.run.latest_checkpoint()
-        if path is None:
-            return False
-        self.load_state_dict(RunDir.load_checkpoint(path))
+        """Continue from ``checkpoint`` or the run directory's latest usable one (a truncated
+        or corrupt one is skipped with a warning); False if none."""
+        if checkpoint is not None:
+            state = RunDir.load_checkpoint(checkpoint)
+        else:
+            state = next((st for _, st in self.run.usable_checkpoints()), None)
+            if state is None:
+                return False
+        self.load_state_dict(state)
         if self.is_main:
             self.run.truncate_logs(self.step)
         return True
@@ -230,6 +269,11 @@ class Trainer:
                 self.ema.update()
         else:
             self.skipped += 1
+        # A skipped step counts towards divergence, except under fp16 loss scaling while the
+        # scaler can still lower its scale (its overflow skips are routine). Both tests read
+        # state every worker shares (averaged gradients, scaler), so all workers stop together.
+        routine = self.scaler.is_enabled() and self.scaler.get_scale() >= 1.0
+        self.nonfinite_streak = self.nonfinite_streak + 1 if not finite and not routine else 0
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = step
@@ -237,6 +281,14 @@ class Trainer:
                "seconds": time.perf_counter() - t0, **logs}
         if self.is_main:
             self.run.append(self.run.log_path, row)
+        limit = self.cfg.train.max_nonfinite_steps
+        if limit and self.nonfinite_streak >= limit:
+            last = self.run.latest_checkpoint() if self.is_main else None
+            raise NonFiniteLossError(
+                f"the loss or gradients were non-finite (NaN/inf) for {self.nonfinite_streak} consecutive iterations "
+                f"(steps {step - self.nonfinite_streak + 1}-{step}; train.max_nonfinite_steps={limit}): the run "
+                f"diverged. {self.skipped} iteration(s) skipped in all; latest checkpoint: {last}. "
+                "Lower train.lr, set train.grad_clip, or train in float32")
         return row
 
     # -- validation, checkpoints, export -------------------------------------------------
@@ -313,6 +365,27 @@ class Trainer:
         if self.on_checkpoint:
             self.on_checkpoint(self.step, path, {"step": self.step, **val})
 
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """While training, SIGTERM / SIGINT ask the loop to stop after the current iteration.
+        Only in the main thread of a single process: Ray Train runs workers in threads, and a
+        checkpoint there is collective (every worker must join it)."""
+        if self.collective.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def ask_to_stop(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            self._stop_signal = signum
+
+        previous = {s: signal.signal(s, ask_to_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
     def fit(self, resume: bool = True, stop_after: int | None = None) -> TrainResult:
         """Train to ``train.iterations`` (or ``stop_after`` more iterations, for tests)."""
         if self.is_main:
@@ -321,14 +394,25 @@ class Trainer:
             self.resume()
         total = self.cfg.train.iterations
         end = total if stop_after is None else min(total, self.step + stop_after)
+        skipped_before = self.skipped
         bar = tqdm(total=total, initial=self.step, desc=f"debias {self.cfg.name}", disable=not (self.progress and self.is_main))
-        while self.step < end:
-            row = self.train_step()
-            bar.update(1)
-            bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss/total", "loss/align") if k in row})
-            if self.step % self.cfg.train.checkpoint_every == 0 or self.step == total:
-                self.checkpoint()
+        self._stop_signal = None
+        with self._stop_on_signals():
+            while self.step < end:
+                row = self.train_step()
+                bar.update(1)
+                bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss/total", "loss/align") if k in row})
+                if self.step % self.cfg.train.checkpoint_every == 0 or self.step == total:
+                    self.checkpoint()
+                elif self._stop_signal is not None:
+                    self.run.save_checkpoint(self.step, self.state_dict())
+                if self._stop_signal is not None:
+                    bar.close()
+                    raise TrainingInterrupted(self._stop_signal, self.step, self.run.checkpoint_dir(self.step))
         bar.close()
+        if self.skipped > skipped_before:
+            warnings.warn(f"{self.skipped} of {self.step} iterations were skipped: non-finite loss or gradients "
+                          "(see 'skipped' in log.jsonl)", RuntimeWarning, stacklevel=2)
         adapter_dir = self.run.root / "adapter"
         if self.step == total:
             # From here on the live model *is* the exported adapter (what audits then measure).
