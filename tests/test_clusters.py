@@ -144,3 +144,10 @@ def test_rayservice_import_path_builds_the_serve_app():
     port = serve_config["http_options"]["port"]
     head = _cluster_spec(manifest)["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert port == 8000 and port in {p["containerPort"] for p in head["ports"]}
+    # The proxy binds 0.0.0.0 in the pod: every container must get the API keys (docs/serving.md).
+    assert serve_config["http_options"]["host"] == "0.0.0.0"
+    cluster = _cluster_spec(manifest)
+    containers = [head] + [g["template"]["spec"]["containers"][0] for g in cluster["workerGroupSpecs"]]
+    for c in containers:
+        (env,) = [e for e in c["env"] if e["name"] == "FAIRNESS_API_KEYS"]
+        assert env["valueFrom"]["secretKeyRef"]["name"] == "fairness-api-keys"
