@@ -31,7 +31,7 @@ test: setup
 test-all: PYTEST_ARGS=
 test-all: test
 
-# The tests marked slow (the two-node Ray cluster, fault recovery, the toy walkthrough; ~8 min);
+# The tests marked slow (the two-node Ray cluster, fault recovery, the toy walkthrough, a short serve soak);
 # CI runs them after the default suite.
 test-slow: setup
 	$(BIN)/python -m pytest -m slow
