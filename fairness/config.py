@@ -154,7 +154,7 @@ class SelectionConfig(Strict):
 
     # 0.8 is the CLIP-I target. A floor of 0.9 charged checkpoints that already met it:
     # s1 exported its barely moved step 50 (test tone 0.72, CLIP-I 0.93) over step 150 (tone
-    # 0.39, CLIP-I 0.86; README "Results", Scenarios).
+    # 0.39, CLIP-I 0.86; docs/results-toyworld.md, "Results", Scenarios).
     semantic_floor: float = Field(
         0.8, description="semantic similarity to the originals below which a check is charged")
     object_floor: float = Field(0.9, description="share of faces/objects kept below which a check is charged")

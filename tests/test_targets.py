@@ -150,7 +150,7 @@ def test_tolerance_band_of_the_papers_gender_setting():
 
 
 def test_joint_targets_leave_a_still_biased_batch_alone():
-    """The joint jobs' tolerance (README, "What limits efficacy" item 5).
+    """The joint jobs' tolerance (docs/results-toyworld.md, "What limits efficacy" item 5).
 
     Over 8 joint classes a 16-image batch is too small for confident marginal targets: with
     gender balanced and races split 6/6/2/2 (a per-prompt race bias of 0.17), no image gets a
@@ -176,7 +176,7 @@ def test_joint_targets_leave_a_still_biased_batch_alone():
 
 
 def test_a_conditional_attribute_gets_fewer_pushes_than_the_same_law_as_its_own_target():
-    """Why s4's 25% attribute barely moves (README, "What limits efficacy" item 5).
+    """Why s4's 25% attribute barely moves (docs/results-toyworld.md, "What limits efficacy" item 5).
 
     "Old 25% within every gender x race group" compiles to one 16-class joint. With a sure
     classifier every wrong joint class is equally far from an image, so a 16-image batch with
