@@ -163,6 +163,11 @@ def authorized(header: bytes | str | None, digests: Iterable[str]) -> bool:
     return found
 
 
+def too_large(limit: int) -> ApiError:
+    """413 for a body over ``limit`` bytes (the edge guard and the replica say the same)."""
+    return ApiError(413, f"The request body exceeds {limit} bytes.", code="request_too_large")
+
+
 def unauthorized() -> ApiError:
     """The 401 for a missing or wrong key; it never repeats what was sent."""
     return ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
@@ -204,18 +209,15 @@ class EdgeGuard:
                 await send_error(send, ApiError(400, "Invalid Content-Length header.", code="invalid_request"))
                 return
             if int(length) > self.max_body_bytes:
-                await send_error(send, self._too_large())
+                await send_error(send, too_large(self.max_body_bytes))
                 return
         elif scope.get("method") in ("POST", "PUT", "PATCH"):
             buffered = await self._read_bounded(receive)
             if buffered is None:
-                await send_error(send, self._too_large())
+                await send_error(send, too_large(self.max_body_bytes))
                 return
             receive = _replay(buffered, receive)
         await self._forward(scope, receive, send)
-
-    def _too_large(self) -> ApiError:
-        return ApiError(413, f"The request body exceeds {self.max_body_bytes} bytes.", code="request_too_large")
 
     async def _read_bounded(self, receive: Receive) -> list[dict[str, Any]] | None:
         messages, total = [], 0

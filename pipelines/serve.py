@@ -62,6 +62,7 @@ from pipelines.openai_images import (  # noqa: F401
     model_list,
     parse_generation_request,
     proxy_middlewares,
+    too_large,
     unauthorized,
 )
 
@@ -180,8 +181,7 @@ class ImageServer:
             raise unauthorized()
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
-            raise ApiError(413, f"The request body exceeds {self.config.max_body_bytes} bytes.",
-                           code="request_too_large")
+            raise too_large(self.config.max_body_bytes)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:

@@ -10,7 +10,6 @@ class as the evaluation one on the objects found (``agreement``).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fairness.checksums import file_sha256
 from fairness.metrics.bias import bias, frequencies, gap_left, joint_classes, mean_bias_floor, mean_std, movement_shares
 from fairness.perception.base import Regions
 from fairness.perception.bundle import PerceptionBundle
@@ -102,14 +102,10 @@ def _classifier_agreement(bundle: PerceptionBundle, images: torch.Tensor, region
 
 
 def _file_digest(path: str) -> str | None:
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+        return file_sha256(path)
     except OSError:
         return None
-    return digest.hexdigest()
 
 
 def same_classifier(bundle: PerceptionBundle) -> bool:

@@ -22,7 +22,6 @@ Checkpoints survive the faults a long job meets:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,20 +31,14 @@ from typing import Any, Iterator
 
 import torch
 
+from fairness.checksums import file_sha256
+
 STATE = "state.pt"
 CHECKPOINT_MANIFEST = "manifest.json"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written (the earlier ones are intact)."""
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:

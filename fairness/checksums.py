@@ -1,0 +1,15 @@
+"""SHA-256 of files, read in blocks: checkpoint manifests and same-weights checks share it."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of the file's bytes (1 MiB at a time, so multi-GB weights stay out of memory)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
