@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from fairness.perception.bundle import PerceptionBundle
-from fairness.perception.labelled_data import IMAGE_EXTENSIONS
+from fairness.perception.labelled_data import IMAGE_EXTENSIONS, read_image
 from fairness.perception.regions import detect_largest, square_crop
 
 
@@ -45,15 +44,15 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def _load(path: Path, max_side: int) -> torch.Tensor:
-    from PIL import Image
+    """The image, shrunk so that its longer side is at most ``max_side``."""
+    def shrunk(size: tuple[int, int]) -> tuple[int, int]:
+        w, h = size
+        if max(w, h) <= max_side:
+            return size
+        scale = max_side / max(w, h)
+        return max(1, round(w * scale)), max(1, round(h * scale))
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if max(im.size) > max_side:
-            scale = max_side / max(im.size)
-            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.uint8).copy()
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+    return read_image(path, shrunk)
 
 
 def _batches(paths: list[Path], batch_size: int, max_side: int) -> Iterator[tuple[list[Path], torch.Tensor]]:

@@ -26,7 +26,7 @@ import csv
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -261,16 +261,23 @@ def train_val_split(keys: Sequence[str], val_fraction: float, seed: int) -> tupl
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """``(3, size, size)`` float in ``[0, 1]`` (a plain resize: the images are face crops)."""
+def read_image(path: Path, size_for: Callable[[tuple[int, int]], tuple[int, int]] | None = None) -> torch.Tensor:
+    """``(3, H, W)`` float in ``[0, 1]`` from an image file, resized (PIL bilinear) to
+    ``size_for((width, height))`` when that differs from the file's size."""
     from PIL import Image
 
     with Image.open(path) as im:
         im = im.convert("RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)
+        target = size_for(im.size) if size_for else im.size
+        if target != im.size:
+            im = im.resize(target, Image.BILINEAR)
         arr = np.asarray(im, dtype=np.uint8).copy()
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """``(3, size, size)`` float in ``[0, 1]`` (a plain resize: the images are face crops)."""
+    return read_image(path, lambda _: (size, size))
 
 
 class ImageSet(torch.utils.data.Dataset):
