@@ -34,10 +34,9 @@ from torch import nn
 
 from fairness.perception.base import AttributeClassifier
 from fairness.perception.bundle import register_backend
+from fairness.perception.real.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 BACKBONES = ("mobilenet_v3_large", "open_clip")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
