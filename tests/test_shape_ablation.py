@@ -12,7 +12,7 @@ import torch
 from fairness.models.loading import load_pipeline
 from fairness.toyworld import DEFAULT_ASSETS, default_perception_dir, world
 from fairness.toyworld.diffusion import DiffusionRecipe, train_diffusion
-from fairness.toyworld.shape_ablation import main, probe_concepts, run_ablation
+from research.shape_ablation import main, probe_concepts, run_ablation
 
 # A few steps on a few images: what the modes do, not how well.
 TINY = {"unet_steps": 2, "unet_refine_steps": 1, "unet_batch": 4, "train_images": 16, "num_inference_steps": 2}
@@ -64,7 +64,7 @@ def _without_time(row: dict) -> dict:
 
 
 def test_cli_appends_one_json_line(tmp_path, monkeypatch):
-    import fairness.toyworld.shape_ablation as module
+    import research.shape_ablation as module
     probe = probe_concepts()[:1]
     monkeypatch.setattr(module, "probe_concepts", lambda: probe)
     out = tmp_path / "rows.jsonl"
@@ -81,7 +81,7 @@ def test_cli_appends_one_json_line(tmp_path, monkeypatch):
     assert 0.0 <= rows[0]["vae_shape_accuracy"] <= 1.0
     # Each row carries the command that reproduces it.
     command = shlex.split(rows[0]["command"])
-    assert command[:3] == ["python", "-m", "fairness.toyworld.shape_ablation"]
+    assert command[:3] == ["python", "-m", "research.shape_ablation"]
     main(command[3:])
     again = json.loads(out.read_text().splitlines()[-1])
     assert _without_time(again) == _without_time(rows[0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,3 +107,27 @@ def test_clip_encodes_raw_prompts(bundle: PerceptionBundle) -> None:
     t = enc.encode_text(prompts)
     assert t.shape[0] == 4
     torch.testing.assert_close(t.norm(dim=1), torch.ones(4))
+
+
+def test_public_names_are_reexported() -> None:
+    """The package re-exports each component's public names (callers import them from here)."""
+    import fairness.toyworld.perception as perception
+
+    for name in perception.__all__:
+        value = getattr(perception, name)
+        assert name.isupper() or value.__module__.startswith("fairness.toyworld.perception."), name
+
+
+def test_bundle_loads_its_backends_in_a_fresh_interpreter() -> None:
+    """``toyworld.*`` backends register on first use: loading the shipped bundle imports the
+    package, and each component comes from its own module."""
+    code = (
+        "import sys\n"
+        "from fairness.perception.bundle import load_bundle\n"
+        f"b = load_bundle({str(SHIPPED)!r})\n"
+        "assert b.semantic_labeler is not None\n"
+        "print(type(b.detector).__module__, type(b.eval_classifier).__module__, type(b.text_image_encoder).__module__,"
+        " type(b.encoders['dino']).__module__, type(b.face_embedder).__module__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["fairness.toyworld.perception." + m for m in ("detector", "classifier", "clip", "encoder", "encoder")]

@@ -1,6 +1,6 @@
 """Where do the toy model's shapes go? Retrain part of it with one change, measure shape accuracy.
 
-``python -m fairness.toyworld.shape_ablation --tag NAME [--mode scratch|continue|full|shipped]
+``python -m research.shape_ablation --tag NAME [--mode scratch|continue|full|shipped]
 [--recipe JSON] [--min-size PX] --out bench/results/shape-ablation.jsonl`` appends one JSON line:
 the change, the training loss and time, and the shape accuracy (the perception bundle's
 semantic labeler) and attribute-law TV of generated images on every second train concept, 16
@@ -115,7 +115,7 @@ def run_ablation(mode: str, overrides: dict[str, Any], min_size: float | None = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Retrain part of the toy SD model with one change; "
+    parser = argparse.ArgumentParser(prog="python -m research.shape_ablation", description="Retrain part of the toy SD model with one change; "
                                                  "append its shape accuracy to a JSON-lines file.")
     parser.add_argument("--tag", required=True)
     parser.add_argument("--mode", choices=MODES, default="scratch")
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     row = {"tag": args.tag, **run_ablation(args.mode, recipe_lib.parse_overrides(args.recipe), args.min_size, args.seed,
                                           args.init_seed, assets=args.assets, save_dir=args.save_dir),
-           "command": shlex.join(["python", "-m", "fairness.toyworld.shape_ablation", *argv])}
+           "command": shlex.join(["python", "-m", "research.shape_ablation", *argv])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:
         f.write(json.dumps(row) + "\n")
