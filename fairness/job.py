@@ -7,15 +7,45 @@ is audited before and after, with the evaluation classifier, from the same noise
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fairness.config import DebiasConfig
-from fairness.metrics.audit import AuditResult, audit, rows_to_csv_records
+from fairness.metrics.audit import AuditResult, GenerateFn, audit, rows_to_csv_records
 from fairness.training.loop import TrainResult, Trainer
 from fairness.training.prompts import resolve_prompts
+
+
+def drawn_once(generate: GenerateFn, budget_bytes: int = 2 * 2**30) -> GenerateFn:
+    """``generate``, remembering each (prompts, noise) call's images, on the CPU, up to
+    ``budget_bytes`` of them (later calls just sample).
+
+    The audit after debiasing compares every image with the original model's image from the
+    same noise, which the audit before debiasing has already drawn: sampling is deterministic
+    given the noise, so the second audit reads them back instead of sampling them again (a
+    third of the job's audit time). The budget keeps a large SD audit (512 px images) from
+    holding them all in memory."""
+    cache: dict[tuple[tuple[str, ...], str], torch.Tensor] = {}
+    held = 0
+
+    def wrapped(prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
+        nonlocal held
+        key = (tuple(prompts), hashlib.sha256(noise.detach().cpu().numpy().tobytes()).hexdigest())
+        if key in cache:
+            return cache[key]
+        images = generate(prompts, noise)
+        size = images.numel() * images.element_size()
+        if held + size <= budget_bytes:
+            cache[key] = images.cpu()
+            held += size
+        return images
+
+    return wrapped
 
 
 @dataclass
@@ -62,6 +92,7 @@ def run_job(cfg: DebiasConfig, run_dir: str | Path, progress: bool = True, repor
     def debiased(prompts: list[str], noise):
         return model.sample(prompts, noise, steps, "none")
 
+    @drawn_once
     def original(prompts: list[str], noise):
         return model.sample_original(prompts, noise, steps)
 

@@ -65,3 +65,29 @@ def test_job_writes_metrics_and_a_complete_report(tmp_path):
     assert len(table) == 3 and "gender*race" in table[2] and table[2].startswith("| tiny | test |")
     faces = [result.before["test"].summary["faces"]["mean"], result.after["test"].summary["faces"]["mean"]]
     assert f"| {faces[0]:.0%} → {faces[1]:.0%} |" in table[2]  # the objects-found column
+
+
+def test_originals_are_drawn_once_within_the_budget() -> None:
+    """The after-audit reads the before-audit's originals back (same prompts, same noise) instead
+    of sampling again; a different noise samples, and past the byte budget nothing is kept."""
+    import torch
+
+    from fairness.job import drawn_once
+
+    calls: list[int] = []
+
+    def generate(prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
+        calls.append(len(prompts))
+        return noise * 2
+
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    gen = drawn_once(generate)
+    first = gen(["a", "a"], noise)
+    assert torch.equal(gen(["a", "a"], noise.clone()), first) and calls == [2]
+    gen(["a", "a"], noise + 1)
+    gen(["b", "b"], noise)
+    assert calls == [2, 2, 2]
+    tight = drawn_once(generate, budget_bytes=noise.numel() * noise.element_size() - 1)
+    tight(["a", "a"], noise)
+    tight(["a", "a"], noise)
+    assert calls == [2, 2, 2, 2, 2]

@@ -159,3 +159,44 @@ def test_shipped_model_draws_the_prompted_shape(shipped):
     hits = int(np.sum(seen["shape"][found] == expected[found]))
     assert hits >= 0.85 * found.sum(), (hits, int(found.sum()))
     assert binom.sf(hits - 1, int(found.sum()), 1 / len(shapes)) < 1e-6, (hits, int(found.sum()))
+
+
+def test_shipped_model_lets_the_noise_decide_the_tone(shipped):
+    """As in Stable Diffusion, a prompt's protected attribute depends on the initial noise: 24
+    images each of 4 held-out concepts, at the shipped sampling defaults, show both tones for
+    at least 3 of the 4 (the first world's model drew every prompt in one tone), while the
+    prompts stay biased (the mean tone share of the majority is above one half by a margin no
+    fair coin gives at this sample size, binomial test)."""
+    defaults = json.loads((default_model_dir() / DEFAULTS_FILE).read_text())
+    concepts = [c for c in world.concepts_by_split("test") if c.has_objects][:4]
+    items = [it for c in concepts for it in concept_prompts(c, 24)]
+    images = generate(shipped, items, seed=0, steps=defaults["num_inference_steps"],
+                      guidance=defaults["guidance_scale"], progress=False)
+    seen = perceive(load_bundle(default_perception_dir()), images)["eval"]
+    tone, found = seen["tone"].reshape(4, 24), seen["found"].reshape(4, 24)
+    majority, mixed = 0, 0
+    for t, f in zip(tone, found):
+        counts = np.bincount(t[f], minlength=2)
+        mixed += int(counts.min() >= 2)
+        majority += int(counts.max())
+    assert mixed >= 3, tone
+    total = int(found.sum())
+    assert binom.sf(majority - 1, total, 0.5) < 0.01, (majority, total)
+
+
+def test_build_can_start_from_a_saved_model(tmp_path):
+    """``--init-from`` keeps the saved model's VAE (and latent scale) as it is and trains its
+    text encoder and U-Net further; a folder without a model is refused by name."""
+    from fairness.toyworld.diffusion import DiffusionRecipe, train_diffusion
+
+    recipe = DiffusionRecipe.quick()
+    first = train_diffusion(tmp_path / "a", recipe=recipe, progress=False).pipe
+    again = train_diffusion(tmp_path / "b", recipe=recipe, progress=False, init_from=tmp_path / "a").pipe
+    for (name, p), q in zip(first.vae.state_dict().items(), again.vae.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert again.vae.config.scaling_factor == first.vae.config.scaling_factor
+    moved = [not torch.equal(p, q) for p, q in zip(first.unet.state_dict().values(), again.unet.state_dict().values())]
+    assert any(moved)
+    assert json.loads((tmp_path / "b" / "training.json").read_text())["stats"]["init_from"] == str(tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="saved toy pipeline"):
+        train_diffusion(tmp_path / "c", recipe=recipe, progress=False, init_from=tmp_path / "nothing")

@@ -57,9 +57,14 @@ def test_laws_are_biased_and_varied() -> None:
         if not c.has_objects:
             assert W.attribute_distribution(c)["no_object"] == 1.0
             continue
-        assert 0.85 <= max(c.tone_probs) <= 0.95
-        assert 0.82 <= max(c.color_probs) <= 0.90
-        assert 0.05 <= c.striped_rate <= 0.60
+        lo, hi = W.LAW_RANGES["tone"]
+        assert 0.5 < lo <= max(c.tone_probs) <= hi
+        lo, hi = W.LAW_RANGES["color"]
+        # The dealt colour lies in its range; the other three share the rest unevenly, so a
+        # second colour can come close to it (or pass it), as two groups often do in SD.
+        assert 0.25 < lo and any(lo <= p <= hi for p in c.color_probs)
+        lo, hi = W.LAW_RANGES["striped"]
+        assert lo <= c.striped_rate <= hi
         assert 0.0 < c.no_object_rate < 0.1
         dist = W.attribute_distribution(c)
         joint = sum(p for row in dist["tone_color"].values() for p in row.values())
@@ -68,14 +73,18 @@ def test_laws_are_biased_and_varied() -> None:
     assert len(dominants) == 8
 
 
-def test_original_bias_on_test_concepts_like_sd15() -> None:
+def test_laws_are_mild_so_guidance_makes_them_sd_like() -> None:
+    """The ground-truth laws are mild (tone bias ~0.2): the shipped model's guidance sharpens
+    them into SD 1.5's range, and the noise still decides (the fidelity report measures it;
+    tests/test_toyworld_diffusion.py checks the shipped model)."""
     tone_bias, color_bias = [], []
     for c in W.concepts_by_split("test"):
         if c.has_objects:
             tone_bias.append(_bias(list(c.tone_probs)))
             color_bias.append(_bias(list(c.color_probs)))
-    assert np.mean(tone_bias) >= 0.6
-    assert np.mean(color_bias) >= 0.35
+    assert 0.1 <= np.mean(tone_bias) <= 0.3
+    assert 0.1 <= np.mean(color_bias) <= 0.3
+    assert max(max(c.tone_probs) for c in W.concepts() if c.has_objects) < 0.7
 
 
 def test_empirical_law_matches_ground_truth() -> None:

@@ -31,7 +31,7 @@ from fairness.perception.bundle import PerceptionBundle, load_bundle
 from fairness.perception.regions import detect_largest, square_crop
 from fairness.seeding import image_noise, numpy_rng
 from fairness.toyworld import DEFAULT_ASSETS, world
-from fairness.toyworld.diffusion import DEFAULTS_FILE, DiffusionRecipe, train_diffusion
+from fairness.toyworld.diffusion import DEFAULTS_FILE, DiffusionRecipe, parse_overrides, train_diffusion
 from fairness.toyworld.perception import build_perception
 from fairness.toyworld.render import render
 
@@ -249,14 +249,16 @@ def _perception_metrics(perception_dir: Path) -> dict[str, Any]:
 
 def build_toyworld(out_dir: Path, seed: int = 0, quick: bool = False, device: str | None = None,
                    progress: bool = True, skip_perception: bool = False,
-                   recipe_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                   recipe_overrides: dict[str, Any] | None = None,
+                   init_from: Path | None = None) -> dict[str, Any]:
     """Build ``out_dir/perception`` (unless ``skip_perception``: reuse it), train
     ``out_dir/sd`` and write ``out_dir/fidelity.json``; returns that report.
 
     ``quick`` trains every network for a handful of steps and measures a few concepts (a smoke
     test in well under a minute). ``recipe_overrides`` changes fields of the SD model's
     :class:`DiffusionRecipe` (the shipped model is the default recipe; the shape ablation's
-    rows name recipes worth a larger budget). The device defaults to CUDA when present.
+    rows name recipes worth a larger budget). ``init_from`` starts the SD model from a saved
+    one (:func:`~fairness.toyworld.diffusion.train_diffusion`). The device defaults to CUDA when present.
     """
     recipe = (DiffusionRecipe.quick() if quick else DiffusionRecipe()).with_overrides(recipe_overrides or {})
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -271,7 +273,7 @@ def build_toyworld(out_dir: Path, seed: int = 0, quick: bool = False, device: st
     timings["perception"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    model = train_diffusion(out / "sd", seed=seed, recipe=recipe, device=dev, progress=progress)
+    model = train_diffusion(out / "sd", seed=seed, recipe=recipe, device=dev, progress=progress, init_from=init_from)
     timings["diffusion"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -326,12 +328,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a handful of steps (tests)")
     parser.add_argument("--skip-perception", action="store_true", help="reuse an existing perception bundle")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--init-from", type=Path, default=None, help="start the SD model from this saved one")
+    parser.add_argument("--recipe", default="{}", help="DiffusionRecipe overrides as JSON")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     report = build_toyworld(args.out, seed=args.seed, quick=args.quick, device=args.device,
-                            skip_perception=args.skip_perception)
+                            skip_perception=args.skip_perception, recipe_overrides=parse_overrides(args.recipe),
+                            init_from=args.init_from)
     print(json.dumps({"summary": report["summary"], "build": report["build"]}, indent=1))
 
 

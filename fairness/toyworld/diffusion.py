@@ -380,7 +380,7 @@ class TrainedModel:
     """The assembled pipeline and what training measured on the way."""
 
     pipe: StableDiffusionPipeline
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 def assemble_pipeline(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
@@ -403,21 +403,40 @@ def train_diffusion(
     recipe: DiffusionRecipe | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    init_from: str | Path | None = None,
 ) -> TrainedModel:
     """Train VAE, then text encoder + U-Net (:func:`train_denoiser`), and ``save_pretrained`` the pipeline to ``out_dir``
-    (with ``fairness_defaults.json``: the sampling settings the build validated)."""
+    (with ``fairness_defaults.json``: the sampling settings the build validated).
+
+    ``init_from`` (a saved toy pipeline) starts from that model instead of fresh weights: its
+    VAE and latent scale are kept as they are (they encode images, whatever law drew them)
+    and its text encoder and U-Net train on the recipe's data. That is how a change of the
+    world's laws is carried into a model that already draws the shapes, in a fraction of the
+    from-scratch budget; the recipe's sizes must match the saved model's."""
     recipe = recipe or DiffusionRecipe()
     dev = torch.device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out / "tokenizer", recipe.max_length)
-    torch.manual_seed(derive_seed(seed, "toyworld-sd", "init"))
-    vae, text_encoder, unet = make_vae(recipe), make_text_encoder(tokenizer, recipe), make_unet(recipe)
-
-    stats = {f"vae_{k}": v for k, v in train_vae(vae, recipe, seed, dev, progress).items()}
-    data = latent_dataset(vae, recipe, seed, dev, progress)
-    scale = 1.0 / float(data.latents.std())
-    vae.register_to_config(scaling_factor=scale)
+    stats: dict[str, Any] = {}
+    if init_from is not None:
+        src = Path(init_from)
+        if not (src / "unet").is_dir():
+            raise FileNotFoundError(f"--init-from needs a saved toy pipeline (unet/, vae/, text_encoder/), none at {src}")
+        vae = AutoencoderKL.from_pretrained(src / "vae")
+        text_encoder = CLIPTextModel.from_pretrained(src / "text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(src / "unet")
+        vae.eval().requires_grad_(False)
+        data = latent_dataset(vae.to(dev), recipe, seed, dev, progress)
+        scale = float(vae.config.scaling_factor)
+        stats["init_from"] = str(src)
+    else:
+        torch.manual_seed(derive_seed(seed, "toyworld-sd", "init"))
+        vae, text_encoder, unet = make_vae(recipe), make_text_encoder(tokenizer, recipe), make_unet(recipe)
+        stats.update({f"vae_{k}": v for k, v in train_vae(vae, recipe, seed, dev, progress).items()})
+        data = latent_dataset(vae, recipe, seed, dev, progress)
+        scale = 1.0 / float(data.latents.std())
+        vae.register_to_config(scaling_factor=scale)
     stats["latent_scaling_factor"] = scale
     stats.update({f"denoiser_{k}": v for k, v in train_denoiser(
         text_encoder, unet, tokenizer, replace(data, latents=data.latents * scale), recipe, seed, dev,

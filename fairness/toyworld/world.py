@@ -78,6 +78,9 @@ BACKGROUNDS: dict[str, str] = {
 # Object geometry (pixels on the 32x32 canvas) and pose jitter.
 IMAGE_SIZE = 32
 MIN_SIZE, MAX_SIZE = 8.0, 20.0
+# Ranges of each concept's dominant tone / dominant colour probability and striped rate
+# (:func:`_biased_concept`).
+LAW_RANGES: dict[str, tuple[float, float]] = {"tone": (0.57, 0.63), "color": (0.40, 0.48), "striped": (0.36, 0.46)}
 MAX_ROTATION = 10.0  # degrees: small, so a square never looks like a diamond
 
 
@@ -160,21 +163,27 @@ def _splits(names: list[str], family: str) -> dict[str, str]:
 
 def _biased_concept(name: str, family: str, split: str, shape: str, dominant: tuple[int, int]) -> Concept:
     """Draw the concept's law from its name around the given dominant (tone, colour) indices:
-    dominant tone 0.85-0.95, dominant colour 0.82-0.90 (the rest spread unevenly), striped
-    rate 0.05-0.60, no object 3-7%."""
+    dominant tone 0.57-0.63, dealt colour 0.40-0.48 (the rest spread unevenly, so a second
+    colour may come close to it or pass it, as two groups often do in SD), striped rate
+    0.36-0.46, no object 3-7%.
+
+    The laws are mild on purpose. Classifier-free guidance tilts a learned attribute law by
+    about the guidance scale's power (p_g ~ p_c^g / p_u^(g-1)), so at the shipped guidance 5 a
+    0.60 tone law is drawn at about 0.83, Stable Diffusion 1.5's gender bias (0.67); the first
+    world's 0.85-0.95 laws were drawn at 0.99, one tone per prompt whatever the noise."""
     rng = numpy_rng(WORLD_SEED, "law", family, name)
     dom_tone, dom_color = dominant
     tone = np.zeros(2)
-    tone[dom_tone] = rng.uniform(0.85, 0.95)
+    tone[dom_tone] = rng.uniform(*LAW_RANGES["tone"])
     tone[1 - dom_tone] = 1.0 - tone[dom_tone]
     color = np.zeros(4)
-    color[dom_color] = rng.uniform(0.82, 0.90)
+    color[dom_color] = rng.uniform(*LAW_RANGES["color"])
     rest = rng.dirichlet([2.0, 2.0, 2.0]) * (1.0 - color[dom_color])
     color[[i for i in range(4) if i != dom_color]] = rest
     return Concept(
         name=name, family=family, split=split, shape=shape, phrase=_phrase(name, family),
         tone_probs=tuple(float(p) for p in tone), color_probs=tuple(float(p) for p in color),
-        striped_rate=float(rng.uniform(0.05, 0.60)), no_object_rate=float(rng.uniform(0.03, 0.07)),
+        striped_rate=float(rng.uniform(*LAW_RANGES["striped"])), no_object_rate=float(rng.uniform(0.03, 0.07)),
     )
 
 
