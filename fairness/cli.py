@@ -1,7 +1,8 @@
 """The ``fairness`` command line.
 
 Library commands (no Ray): ``job``, ``debias``, ``audit``, ``generate``, ``export``,
-``toyworld build``, ``perception init``, ``classifier train``, ``bank faces``. Ray commands (``bank``, ``tune``,
+``toyworld build``, ``perception init``, ``classifier train``, ``bank faces``,
+``compare``, ``baseline train-adp``. Ray commands (``bank``, ``tune``,
 ``serve``, ``debias --workers N``) import the ``pipelines`` package only when called.
 """
 
@@ -216,6 +217,50 @@ def cmd_perception_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fairness.baselines.compare import load_compare_config, run_compare, write_compare
+    from fairness.report.compare import tables_text
+
+    _set_torch_threads(args)
+    cfg = load_compare_config(args.config)
+    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    result = run_compare(cfg, progress=not args.quiet)
+    paths = write_compare(result, out)
+    print(tables_text(result))
+    print(f"\nresults: {paths['json']}\nreport: {paths['html']}")
+    return 0
+
+
+def cmd_baseline_train_adp(args: argparse.Namespace) -> int:
+    from fairness.baselines.distribution_guidance import ADPTrainConfig, train_adp
+    from fairness.data.prompts import read_corpus
+    from fairness.generation import load_model, sampling_defaults
+    from fairness.models.loading import load_perception
+
+    _set_torch_threads(args)
+    if args.prompts.startswith("toyworld:"):
+        from fairness.toyworld import world
+
+        prompts = world.prompts(args.prompts.removeprefix("toyworld:"))
+    else:
+        prompts = read_corpus(args.prompts).prompts
+    bundle = load_perception(args.perception)
+    model = load_model(args.model, None, args.dtype, args.device)
+    defaults = sampling_defaults(args.model)
+    cfg = ADPTrainConfig(images_per_prompt=args.images_per_prompt,
+                         num_steps=args.steps or int(defaults["num_inference_steps"]),
+                         guidance_scale=float(defaults["guidance_scale"]) if args.guidance is None else args.guidance,
+                         epochs=args.epochs, lr=args.lr, seed=args.seed)
+    attributes = args.attributes.split(",") if args.attributes else None
+    manifest = train_adp(model.pipe, bundle.to(model.pipe.device), prompts, args.out, cfg, attributes,
+                         progress=not args.quiet)
+    m = manifest["metrics"]
+    print(json.dumps({"out": args.out, "images": manifest["images"], "train_seconds": round(manifest["train_seconds"], 1),
+                      "val_images": m["val_images"], "val_accuracy_last": m["val_accuracy_last"],
+                      "val_accuracy_mean": m["val_accuracy_mean"], "majority_rate": m["majority_rate"]}, indent=2))
+    return 0
+
+
 def bank_faces_parser() -> argparse.ArgumentParser:
     """``fairness bank faces``: parsed apart from ``fairness bank`` (the Ray originals bank)."""
     p = argparse.ArgumentParser(prog="fairness bank faces",
@@ -249,7 +294,8 @@ def cmd_toyworld_build(args: argparse.Namespace) -> int:
 
     _set_torch_threads(args)
     report = build_toyworld(Path(args.out), seed=args.seed, quick=args.quick, device=args.device,
-                            skip_perception=args.skip_perception, recipe_overrides=parse_overrides(args.recipe))
+                            skip_perception=args.skip_perception, recipe_overrides=parse_overrides(args.recipe),
+                            init_from=Path(args.init_from) if args.init_from else None)
     print(json.dumps(report, indent=2, default=str))
     return 0
 
@@ -335,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--recipe", default="{}",
                    help='SD model recipe overrides as JSON, e.g. \'{"unet_steps": 20000}\' (default: the shipped recipe)')
+    p.add_argument("--init-from", default=None,
+                   help="start the SD model from this saved toy pipeline (keeps its VAE; trains text encoder + U-Net)")
     _add_threads_arg(p)
     p.set_defaults(func=cmd_toyworld_build)
     p = tw.add_parser("fidelity", help="measure a built toy world's fidelity again, without training")
@@ -398,6 +446,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_classifier_train)
 
+    p = sub.add_parser("compare", help="run the peers (Fair Diffusion, distribution guidance, ...) and ours "
+                                       "side by side: tables + HTML")
+    p.add_argument("--config", required=True, help="compare YAML (see pipelines/configs/toyworld/compare.yaml)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<name>)")
+    _add_threads_arg(p)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+    bl = sub.add_parser("baseline", help="what the peers need before they run").add_subparsers(
+        dest="baseline_command", required=True)
+    p = bl.add_parser("train-adp", help="train distribution guidance's attribute distribution predictor")
+    _add_model_args(p)
+    p.add_argument("--perception", default="toyworld", help="bundle whose training classifier gives the pseudo-labels")
+    p.add_argument("--prompts", required=True, help="prompt file, or toyworld:SPLIT (e.g. toyworld:train)")
+    p.add_argument("--attributes", default=None, help="comma-separated attributes (default: all the classifier's)")
+    p.add_argument("--images-per-prompt", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="ADP folder (adp.json + adp.safetensors)")
+    _add_threads_arg(p)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_baseline_train_adp)
+
     for name, help_text in (
         ("bank", "build an originals bank with Ray Data; `fairness bank faces`: a real-face embedding bank"),
         ("tune", "search loss weights / C / lr with Ray Tune"),
@@ -435,12 +507,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _ray_command(RAY_COMMANDS[argv[0]], argv[0])(argparse.Namespace(args=argv[1:]))
     else:
         args = build_parser().parse_args(argv)
+    from fairness.baselines.texts import BaselineError
     from fairness.config import ConfigError
     from fairness.targets.distributions import TargetError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, TargetError, FileNotFoundError, FileExistsError, KeyError, ValueError) as exc:
+    except (ConfigError, TargetError, BaselineError, FileNotFoundError, FileExistsError, KeyError, ValueError) as exc:
         print(f"fairness {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:

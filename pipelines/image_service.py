@@ -12,6 +12,10 @@ Ray, so the same object can be driven from a test or a script.
   seed and prompt give the same images whatever else shares the batch, for every model (so
   ``base`` and an adapter can be compared image by image), and the same images as
   ``fairness generate --seed``.
+* Inference-time peers (``baselines``: Fair Diffusion, distribution guidance, ethical
+  intervention; :mod:`fairness.baselines`) are served as model names too, on the base weights
+  (LoRA off), each toward the target law its spec names, so a client compares them with
+  ``base`` and the adapters from the same seed.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fairness.adapters.io import load_adapter_into, read_adapter_manifest
+from fairness.baselines.methods import SERVED_METHODS, Method, build_method, parse_served_baseline
 from fairness.dft.engine import SamplingConfig, generate
-from fairness.generation import sampling_defaults
-from fairness.models.loading import load_pipeline
+from fairness.generation import LoadedModel, sampling_defaults
+from fairness.models.loading import load_perception, load_pipeline
 from fairness.seeding import image_noise
 from pipelines.openai_images import MAX_SEED, ApiError, ImageGenerationRequest, parse_size, png_base64
 
@@ -46,6 +51,11 @@ class ServiceConfig(BaseModel):
 
     model: str = Field(description="hub id, local diffusers folder, or 'toyworld'")
     adapters: dict[str, str] = Field(default_factory=dict, description="model name -> exported adapter folder")
+    baselines: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description=f"model name -> a peer's method spec ({', '.join(SERVED_METHODS)}) with "
+        "its target 'law' (docs/baselines.md)")
+    perception: str | None = Field(None, description="perception bundle whose classifier names the attributes' "
+                                                     "classes (needed with baselines)")
     default_model: str | None = Field(None, description="model used when a request names none (default: the "
                                                         "first adapter, else base)")
     max_n: int = Field(4, ge=1, description="most images per request")
@@ -65,6 +75,15 @@ class ServiceConfig(BaseModel):
                 raise ValueError(f"adapter name {name!r} must match {_NAME.pattern} and not be {BASE!r}")
         return adapters
 
+    @field_validator("baselines")
+    @classmethod
+    def _baselines(cls, baselines: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, spec in baselines.items():
+            if name == BASE or not _NAME.match(name):
+                raise ValueError(f"baseline name {name!r} must match {_NAME.pattern} and not be {BASE!r}")
+            parse_served_baseline(spec, f"baseline {name!r}")
+        return baselines
+
     @field_validator("allowed_sizes")
     @classmethod
     def _sizes(cls, sizes: list[str]) -> list[str]:
@@ -77,8 +96,14 @@ class ServiceConfig(BaseModel):
 
     @model_validator(mode="after")
     def _default(self) -> "ServiceConfig":
-        if self.default_model is not None and self.default_model not in (BASE, *self.adapters):
-            raise ValueError(f"default_model {self.default_model!r} is neither {BASE!r} nor an adapter")
+        if self.default_model is not None and self.default_model not in (BASE, *self.adapters, *self.baselines):
+            raise ValueError(f"default_model {self.default_model!r} is neither {BASE!r}, an adapter nor a baseline")
+        clash = sorted(set(self.adapters) & set(self.baselines))
+        if clash:
+            raise ValueError(f"model name(s) {clash} name both an adapter and a baseline")
+        if self.baselines and self.perception is None:
+            raise ValueError("serving baselines needs a perception bundle (perception / --perception): its "
+                             "classifier names the classes their edit texts and laws refer to")
         if self.steps is not None and self.steps > self.max_steps:
             raise ValueError(f"steps={self.steps} exceeds max_steps={self.max_steps}")
         return self
@@ -120,6 +145,14 @@ class ImageService:
             self.kinds[name] = read_adapter_manifest(folder)["kind"]
             self.prefixes[name] = load_adapter_into(self.pipe, folder, adapter_name=name)
         self.lora = [n for n, k in self.kinds.items() if k not in (BASE, "soft_tokens")]
+        self.baselines = {name: parse_served_baseline(spec, f"baseline {name!r}")
+                          for name, spec in config.baselines.items()}
+        self.attributes = (dict(load_perception(config.perception).train_classifier.attributes)
+                           if self.baselines else {})
+        for name, (spec, _) in self.baselines.items():
+            self.kinds[name] = spec.method
+            self.prefixes[name] = ""
+        self._methods: dict[tuple[str, int], Method] = {}
         self.default_model = config.default_model or next(iter(config.adapters), BASE)
         # Request checks tokenise on the event loop while a batch tokenises in a worker thread;
         # a private copy keeps the two from sharing one (not thread-safe) fast tokenizer.
@@ -128,6 +161,8 @@ class ImageService:
         self.steps = config.steps or int(defaults["num_inference_steps"])
         guidance = config.guidance_scale
         self.guidance = float(defaults["guidance_scale"]) if guidance is None else guidance
+        for name in self.baselines:  # a bad edit text or a missing ADP stops the replica here, not a request
+            self._method(name, self.steps)
         self.native = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.sizes = [f"{self.native}x{self.native}", *config.allowed_sizes]
         multiple = self.pipe.vae_scale_factor * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
@@ -165,6 +200,9 @@ class ImageService:
         if f"{width}x{height}" not in self.sizes:
             raise ApiError(400, f"Invalid size {size!r} for model '{model}': use one of {self.sizes}.", "size",
                            "invalid_size")
+        if self.kinds[model] == "distribution-guidance" and (width, height) != (self.native, self.native):
+            raise ApiError(400, f"Invalid size {size!r} for model '{model}': its predictor reads the U-Net at the "
+                                f"native {self.native}x{self.native} only.", "size", "invalid_size")
         steps = self.steps if req.steps is None else req.steps
         if not 1 <= steps <= self.config.max_steps:
             raise ApiError(400, f"Invalid steps={steps}: must be between 1 and {self.config.max_steps}.", "steps",
@@ -210,13 +248,26 @@ class ImageService:
         shape = (self.pipe.unet.config.in_channels, height // f, width // f)
         noise = torch.cat([image_noise(job.seed, job.prompt, range(job.n), shape) for job in jobs])
         texts = [job.text for job in jobs for _ in range(job.n)]
-        sampling = SamplingConfig(num_steps=steps, guidance_scale=self.guidance, mode="none")
-        with torch.no_grad():
-            images = generate(self.pipe, texts, noise, sampling)
+        if model in self.baselines:
+            images = self._method(model, steps).generate(texts, noise)
+        else:
+            sampling = SamplingConfig(num_steps=steps, guidance_scale=self.guidance, mode="none")
+            with torch.no_grad():
+                images = generate(self.pipe, texts, noise, sampling)
         return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
+    def _method(self, name: str, steps: int) -> Method:
+        """Baseline ``name`` at ``steps`` sampler steps (built once per step count)."""
+        if (name, steps) not in self._methods:
+            spec, law = self.baselines[name]
+            sampling = SamplingConfig(num_steps=steps, guidance_scale=self.guidance, mode="none")
+            method = build_method(spec, LoadedModel(self.pipe, "", False), self.attributes, sampling, law, name)
+            assert method is not None  # only `ours` can be absent, and it is not served as a baseline
+            self._methods[(name, steps)] = method
+        return self._methods[(name, steps)]
+
     def _activate(self, model: str) -> None:
-        """LoRA ``model`` on alone, or every LoRA off (base, soft tokens)."""
+        """LoRA ``model`` on alone, or every LoRA off (base, soft tokens, baselines)."""
         if model == self._active or not self.lora:
             return
         if model in self.lora:

@@ -1,8 +1,9 @@
 """Ray Serve: the debiased model behind an OpenAI-compatible Images API.
 
 Routes (FastAPI ingress): ``POST /v1/images/generations``, ``GET /v1/models``, ``GET /healthz``.
-Any OpenAI client works with ``base_url=http://HOST:PORT/v1``; ``model`` names an adapter or
-``base``. Every refusal is a 4xx with OpenAI's error body and the server keeps serving.
+Any OpenAI client works with ``base_url=http://HOST:PORT/v1``; ``model`` names an adapter, a peer
+(``--baseline``, docs/baselines.md) or ``base``. Every refusal is a 4xx with OpenAI's error body
+and the server keeps serving.
 
 Dynamic batching: each request is one item of ``@serve.batch`` whose size counts images
 (``batch_size_fn``), so ``max_batch_size`` bounds the images of one sampler call. Within a batch
@@ -40,7 +41,10 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -292,7 +296,7 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, b
         signal.signal(sig, _interrupt)
     auth = (f"{len(config.api_key_sha256)} API key(s) required" if config.api_key_sha256
             else "no API keys: loopback only")
-    print(f"serving {', '.join(['base', *config.adapters])} at {url}/v1 (OpenAI Images API; {auth}); Ctrl-C stops")
+    print(f"serving {', '.join(['base', *config.adapters, *config.baselines])} at {url}/v1 (OpenAI Images API; {auth}); Ctrl-C stops")
     try:
         while True:
             time.sleep(3600)
@@ -327,6 +331,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="toyworld", help="hub id, diffusers folder, or 'toyworld' (default)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="serve an exported adapter as model NAME (repeatable)")
+    p.add_argument("--baseline", action="append", default=[], metavar="NAME=SPEC",
+                   help="serve a peer as model NAME: SPEC is a method spec with its target 'law', as JSON text or a "
+                        "JSON/YAML file (docs/baselines.md), e.g. fair-diffusion='{\"method\": \"fair-diffusion\", "
+                        "...}' (repeatable)")
+    p.add_argument("--perception", default=None,
+                   help="perception bundle (or 'toyworld') whose classifier names the classes of --baseline specs")
     p.add_argument("--default-model", default=None, help="model for requests naming none (default: first adapter)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -358,8 +368,15 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         if not sep or not name or not folder:
             raise ValueError(f"--adapter expects NAME=DIR, got {item!r}")
         adapters[name] = folder
+    baselines = {}
+    for item in args.baseline:
+        name, sep, text = item.partition("=")
+        if not sep or not name or not text:
+            raise ValueError(f"--baseline expects NAME=SPEC, got {item!r}")
+        baselines[name] = yaml.safe_load(text if text.lstrip().startswith("{") else Path(text).read_text())
     return ServeConfig(
-        model=args.model, adapters=adapters, default_model=args.default_model, num_replicas=args.replicas,
+        model=args.model, adapters=adapters, baselines=baselines, perception=args.perception,
+        default_model=args.default_model, num_replicas=args.replicas,
         num_cpus_per_replica=args.cpus_per_replica, num_gpus_per_replica=args.gpus_per_replica,
         max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_s, max_n=args.max_n,
         steps=args.steps, guidance_scale=args.guidance, allowed_sizes=args.allowed_size, dtype=args.dtype,
