@@ -117,7 +117,16 @@ class LossConfig(Strict):
 
 
 class DFTConfig(Strict):
-    mode: Literal["adjusted", "naive"] = "adjusted"
+    # Default: the fastest mode whose gradient keeps cosine >= 0.99 with the exact adjusted one
+    # on the bench's fixed batch (bench/results/dft-cpu.json, docs/performance.md).
+    mode: Literal["adjusted", "adjusted_batched", "naive"] = Field(
+        "adjusted_batched", description="adjusted: step-by-step graph with checkpointing; adjusted_batched: the "
+        "same gradient from a no-grad pass plus batched U-Net VJPs (docs/performance.md); naive: exact, explodes")
+    grad_steps: int | None = Field(
+        4, ge=1, description="adjusted_batched: backpropagate through this many sampler steps, one drawn per "
+        "stratum (an unbiased estimate of the adjusted gradient); None: all steps (exact)")
+    vjp_batch: int = Field(16, ge=1, description="adjusted_batched: (step, image) pairs per batched U-Net VJP call "
+                           "(x2 rows with guidance); bounds the activation memory of the backward pass")
     steps: int | tuple[int, int] = Field((19, 23), description="steps per iteration, or [min, max] drawn per iteration")
     eval_steps: int = 20
     guidance_scale: float = 7.5
@@ -138,7 +147,7 @@ class DFTConfig(Strict):
     def sampling(self, num_steps: int, mode: str | None = None) -> SamplingConfig:
         return SamplingConfig(num_steps=num_steps, guidance_scale=self.guidance_scale, mode=mode or self.mode,  # type: ignore[arg-type]
                               checkpoint_unet=self.checkpoint_unet, checkpoint_vae=self.checkpoint_vae,
-                              vae_slice=self.vae_slice)
+                              vae_slice=self.vae_slice, grad_steps=self.grad_steps, vjp_batch=self.vjp_batch)
 
 
 class SelectionConfig(Strict):

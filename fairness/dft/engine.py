@@ -9,6 +9,9 @@ loop over the same components. Modes:
   :math:`A_t = \frac{1}{\sqrt{\bar\alpha_t}} \frac{\beta_t}{\sqrt{1-\bar\alpha_t}}`, with all
   :math:`C_t` divided by their geometric mean.
 * ``naive``: the exact gradient through every U-Net call (explodes; kept for comparison).
+* ``adjusted_batched``: the same adjusted gradient, computed as a no-grad sampling pass followed
+  by batched U-Net vector-Jacobian products over the recorded steps (:mod:`fairness.dft.batched`),
+  optionally through an unbiased random subset of ``grad_steps`` steps.
 * ``none``: no gradient at all (originals, audits).
 
 Because the U-Net input is detached, step t contributes a single U-Net vector-Jacobian product,
@@ -22,13 +25,13 @@ recompute every slice's activations at once).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from diffusers import SchedulerMixin, StableDiffusionPipeline
 from torch.utils.checkpoint import checkpoint
 
-Mode = Literal["adjusted", "naive", "none"]
+Mode = Literal["adjusted", "adjusted_batched", "naive", "none"]
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -71,6 +74,9 @@ class SamplingConfig:
     checkpoint_unet: bool = True
     checkpoint_vae: bool = True
     vae_slice: int | None = None  # decode this many images at a time (None: the whole batch)
+    # adjusted_batched only: backpropagate through this many of the steps (None: all, exact)...
+    grad_steps: int | None = None
+    vjp_batch: int = 16  # ...and this many (step, image) VJPs per U-Net call (bounds activation memory)
 
 
 def fresh_scheduler(pipe: StableDiffusionPipeline) -> SchedulerMixin:
@@ -87,14 +93,40 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.T
     return pipe.text_encoder(tok.input_ids.to(device))[0]
 
 
-def _unet_eps(pipe: StableDiffusionPipeline, z_in: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-              uncond: torch.Tensor | None, guidance: float) -> torch.Tensor:
-    """Classifier-free-guided noise prediction from one batched U-Net call."""
+def unet_eps(pipe: StableDiffusionPipeline, z_in: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+             uncond: torch.Tensor | None, guidance: float) -> torch.Tensor:
+    """Classifier-free-guided noise prediction from one batched U-Net call; ``t`` is one timestep
+    or one per row of ``z_in`` (several sampler steps batched together)."""
     if uncond is None or guidance == 1.0:
         return pipe.unet(z_in, t, encoder_hidden_states=cond).sample
-    both = pipe.unet(torch.cat([z_in, z_in]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+    t_both = torch.cat([t, t]) if t.ndim else t
+    both = pipe.unet(torch.cat([z_in, z_in]), t_both, encoder_hidden_states=torch.cat([uncond, cond])).sample
     eps_u, eps_c = both.chunk(2)
     return eps_u + guidance * (eps_c - eps_u)
+
+
+# eps_fn(i, t, z_in) -> noise prediction of step i, given the scaled model input of that step.
+EpsFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def solve(pipe: StableDiffusionPipeline, latents: torch.Tensor, num_steps: int, eps_fn: EpsFn,
+          detach_input: bool) -> torch.Tensor:
+    """The sampler's loop from ``latents`` to z_0 with the noise predictions ``eps_fn`` gives; the
+    scheduler update always keeps the non-detached z_t (its graph is the cheap linear solver)."""
+    scheduler = fresh_scheduler(pipe)
+    scheduler.set_timesteps(num_steps, device=latents.device)
+    z = latents
+    for i, t in enumerate(scheduler.timesteps):
+        z_in = scheduler.scale_model_input(z.detach() if detach_input else z, t)
+        z = scheduler.step(eps_fn(i, t, z_in), t, z, return_dict=True).prev_sample
+    return z
+
+
+def sampler_timesteps(pipe: StableDiffusionPipeline, num_steps: int) -> torch.Tensor:
+    """The timesteps :func:`solve` visits, one per U-Net call (on CPU)."""
+    scheduler = fresh_scheduler(pipe)
+    scheduler.set_timesteps(num_steps)
+    return scheduler.timesteps
 
 
 def denoise(
@@ -105,22 +137,21 @@ def denoise(
     config: SamplingConfig,
 ) -> torch.Tensor:
     """Run the sampler from ``latents`` (already scaled by ``init_noise_sigma``) to z_0."""
-    scheduler = fresh_scheduler(pipe)
-    scheduler.set_timesteps(config.num_steps, device=latents.device)
-    timesteps = scheduler.timesteps
-    coeffs = adjusted_coefficients(scheduler, timesteps) if config.mode == "adjusted" else None
-    z = latents
-    for i, t in enumerate(timesteps):
-        z_in = z.detach() if config.mode == "adjusted" else z
-        z_in = scheduler.scale_model_input(z_in, t)
+    if config.mode == "adjusted_batched":
+        from fairness.dft.batched import denoise_batched  # imports this module: import here
+
+        return denoise_batched(pipe, latents, cond, uncond, config)
+    adjusted = config.mode == "adjusted"
+    coeffs = adjusted_coefficients(fresh_scheduler(pipe), sampler_timesteps(pipe, config.num_steps)) if adjusted else None
+
+    def eps_fn(i: int, t: torch.Tensor, z_in: torch.Tensor) -> torch.Tensor:
         if config.mode != "none" and config.checkpoint_unet:
-            eps = checkpoint(_unet_eps, pipe, z_in, t, cond, uncond, config.guidance_scale, use_reentrant=False)
+            eps = checkpoint(unet_eps, pipe, z_in, t, cond, uncond, config.guidance_scale, use_reentrant=False)
         else:
-            eps = _unet_eps(pipe, z_in, t, cond, uncond, config.guidance_scale)
-        if coeffs is not None:
-            eps = scale_grad(eps, coeffs[i].to(eps.dtype))
-        z = scheduler.step(eps, t, z, return_dict=True).prev_sample
-    return z
+            eps = unet_eps(pipe, z_in, t, cond, uncond, config.guidance_scale)
+        return scale_grad(eps, coeffs[i].to(eps.dtype)) if coeffs is not None else eps
+
+    return solve(pipe, latents, config.num_steps, eps_fn, detach_input=adjusted)
 
 
 def _decode(pipe: StableDiffusionPipeline, z0: torch.Tensor) -> torch.Tensor:

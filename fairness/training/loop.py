@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from fairness.adapters.io import export_adapter
 from fairness.config import DebiasConfig
+from fairness.dft.batched import step_seed
 from fairness.metrics.bias import target_gap
 from fairness.seeding import derive_seed, image_noise, numpy_rng
 from fairness.training.debiaser import Debiaser
@@ -244,7 +245,8 @@ class Trainer:
         idx = self.local_indices()
         noise = image_noise(noise_seed, prompt, idx, self.model.latent_shape)
         orig = self.originals(prompt, noise_seed, idx, num_steps, noise)
-        images = self.model.sample([prompt] * len(idx), noise, num_steps, self.cfg.dft.mode)
+        with step_seed(derive_seed(self.cfg.seed, "dft-steps", step)):  # the same on every worker
+            images = self.model.sample([prompt] * len(idx), noise, num_steps, self.cfg.dft.mode)
         out = self.model.objective(images, orig, seed=derive_seed(self.cfg.seed, "ot", step), collective=self.collective)
         return out.total, {"prompt": prompt, "set": set_name, "sampler_steps": num_steps, **out.logs}
 

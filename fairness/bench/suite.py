@@ -1,4 +1,4 @@
-"""Benchmarks (``python -m fairness.bench --out DIR`` / ``make bench``), written as JSON.
+"""The iteration suite (``python -m fairness.bench --out DIR`` / ``make bench``), written as JSON.
 
 Speed and memory live here, not in timed tests. Measured on the model given (default: the
 shipped toy model), on whatever device is present:
@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,11 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-def _peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from fairness.bench.common import device_name, peak_memory_mb, run_case
 
 
 def _iteration_case(model: str, perception: str, mode: str, checkpoint: bool, batch: int, steps: int, repeats: int) -> dict[str, Any]:
@@ -55,7 +48,7 @@ def _iteration_case(model: str, perception: str, mode: str, checkpoint: bool, ba
     for _ in range(repeats):
         trainer.train_step()
     sec = (time.perf_counter() - t0) / repeats
-    return {"seconds_per_iteration": sec, "seconds_per_image": sec / batch, "peak_memory_mb": _peak_memory_mb()}
+    return {"seconds_per_iteration": sec, "seconds_per_image": sec / batch, "peak_memory_mb": peak_memory_mb()}
 
 
 def _sampling_case(model: str, batch: int, steps: int, repeats: int) -> dict[str, Any]:
@@ -70,7 +63,7 @@ def _sampling_case(model: str, batch: int, steps: int, repeats: int) -> dict[str
     t0 = time.perf_counter()
     for _ in range(repeats):
         m.generate(["a photo of a doctor"] * batch, noise, cfg)
-    return {"seconds": (time.perf_counter() - t0) / repeats, "peak_memory_mb": _peak_memory_mb()}
+    return {"seconds": (time.perf_counter() - t0) / repeats, "peak_memory_mb": peak_memory_mb()}
 
 
 def _two_attributes(perception: str) -> list[str]:
@@ -95,24 +88,17 @@ def _ot_cases() -> dict[str, Any]:
     return out
 
 
-def _run_case(case: dict[str, Any]) -> dict[str, Any]:
-    """Run one case in a fresh interpreter (clean peak-memory counters)."""
-    proc = subprocess.run([sys.executable, "-m", "fairness.bench", "--case", json.dumps(case)],
-                          capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def run(model: str, perception: str, batch: int, steps: int, repeats: int) -> dict[str, Any]:
     results: dict[str, Any] = {
-        "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+        "device": device_name(),
         "threads": torch.get_num_threads(), "model": model, "batch": batch, "steps": steps, "repeats": repeats,
         "iteration": {}, "ot": _ot_cases(),
     }
     for mode, ckpt in (("adjusted", True), ("adjusted", False), ("naive", True)):
         name = f"{mode}{'' if ckpt else '_no_checkpointing'}"
-        results["iteration"][name] = _run_case({"kind": "iteration", "model": model, "perception": perception, "mode": mode,
+        results["iteration"][name] = run_case([], {"kind": "iteration", "model": model, "perception": perception, "mode": mode,
                                                 "checkpoint": ckpt, "batch": batch, "steps": steps, "repeats": repeats})
-    results["sampling"] = _run_case({"kind": "sampling", "model": model, "batch": batch, "steps": steps, "repeats": repeats})
+    results["sampling"] = run_case([], {"kind": "sampling", "model": model, "batch": batch, "steps": steps, "repeats": repeats})
     return results
 
 
