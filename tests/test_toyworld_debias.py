@@ -18,11 +18,9 @@ N_EVAL = 48
 
 
 def _dominant_tone_concept() -> world.Concept:
-    """A train concept whose law is strongly one-toned (the test needs room to move)."""
-    for c in world.concepts_by_split("train"):
-        if c.shape is not None and max(world.attribute_distribution(c)["tone"].values()) >= 0.85:
-            return c
-    raise AssertionError("no strongly biased train concept")
+    """The train concept whose law is most one-toned (the test needs room to move; guidance
+    sharpens the mild law into a strongly biased prompt)."""
+    return max((c for c in world.concepts_by_split("train") if c.has_objects), key=lambda c: max(c.tone_probs))
 
 
 @pytest.mark.timeout(900)

@@ -47,7 +47,7 @@ from fairness.baselines.sampler import (
 from fairness.baselines.texts import BaselineError
 from fairness.perception.bundle import PerceptionBundle
 from fairness.perception.regions import detect_largest, square_crop
-from fairness.seeding import image_noise, numpy_rng, torch_generator
+from fairness.seeding import derive_seed, image_noise, numpy_rng, torch_generator
 
 ADP_MANIFEST = "adp.json"
 ADP_WEIGHTS = "adp.safetensors"
@@ -275,7 +275,9 @@ def train_adp(pipe: StableDiffusionPipeline, bundle: PerceptionBundle, prompts: 
     order = numpy_rng(cfg.seed, "adp-split").permutation(len(feats))
     n_val = max(1, int(round(cfg.val_fraction * len(feats))))
     val, train = order[:n_val], order[n_val:]
-    adp = AttributeDistributionPredictor(mid_block_shape(pipe), timesteps.tolist(), {a: known[a] for a in chosen})
+    with torch.random.fork_rng(devices=[]):  # the heads' initial weights from the config's seed, not the global stream
+        torch.manual_seed(derive_seed(cfg.seed, "adp-init"))
+        adp = AttributeDistributionPredictor(mid_block_shape(pipe), timesteps.tolist(), {a: known[a] for a in chosen})
     _fit(adp, feats, labels, train, cfg, progress)
     seconds = time.perf_counter() - start
     acc = held_out_accuracy(adp, feats, labels, val)
