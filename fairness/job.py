@@ -7,7 +7,6 @@ is audited before and after, with the evaluation classifier, from the same noise
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fairness.checksums import tensor_sha256
 from fairness.config import DebiasConfig
 from fairness.metrics.audit import AuditResult, GenerateFn, audit, rows_to_csv_records
 from fairness.training.loop import TrainResult, Trainer
@@ -35,7 +35,7 @@ def drawn_once(generate: GenerateFn, budget_bytes: int = 2 * 2**30) -> GenerateF
 
     def wrapped(prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
         nonlocal held
-        key = (tuple(prompts), hashlib.sha256(noise.detach().cpu().numpy().tobytes()).hexdigest())
+        key = (tuple(prompts), tensor_sha256(noise))
         if key in cache:
             return cache[key]
         images = generate(prompts, noise)

@@ -34,7 +34,6 @@ drawing K steps at random, since neighbouring steps' VJPs are alike). The other 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Iterator
@@ -42,6 +41,7 @@ from typing import Iterator
 import torch
 from diffusers import StableDiffusionPipeline
 
+from fairness.checksums import tensor_sha256
 from fairness.dft.engine import SamplingConfig, adjusted_coefficients, fresh_scheduler, sampler_timesteps, scale_grad, solve, unet_eps
 from fairness.seeding import torch_generator
 
@@ -92,8 +92,7 @@ def step_generator(latents: torch.Tensor) -> torch.Generator:
     seed = _STEP_SEED.get()
     if seed is not None:
         return torch_generator(seed, "dft-steps")
-    digest = hashlib.sha256(latents.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
-    return torch_generator(0, "dft-steps", digest)
+    return torch_generator(0, "dft-steps", tensor_sha256(latents.float()))
 
 
 @dataclass
