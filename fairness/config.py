@@ -182,7 +182,13 @@ class SelectionConfig(Strict):
 class TrainConfig(Strict):
     iterations: int = Field(10000, ge=1)
     images_per_prompt: int = Field(24, ge=1)
+    prompts_per_step: int = Field(
+        1, ge=1, description="prompts per iteration, each with images_per_prompt images; their losses are averaged. "
+        "More prompts per step see more of the prompt set in the same number of steps")
     lr: float = Field(5e-5, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant", description="diffusers' learning-rate schedule over train.iterations")
+    lr_warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(None, gt=0)
     ema_decay: float | None = Field(0.996, ge=0, lt=1)

@@ -1,7 +1,7 @@
 """Ray Data: build the originals bank for a run's planned iterations in parallel.
 
 The (prompt, noise seed, sampler steps) of every planned iteration comes from the run's own
-:meth:`Trainer.iteration_plan`, so the bank holds exactly the originals training would generate.
+:func:`fairness.training.plan.iteration_plan`, so the bank holds exactly the originals training would generate.
 A pool of actors (one per GPU, or per CPU slot) each loads the frozen model and the perception
 bundle once and maps batches of planned images to bank rows; the rows land as parquet, with the
 job's fingerprint beside them (:func:`fairness.training.bank.bank_fingerprint`) so that a job
@@ -44,22 +44,15 @@ class OriginalsWorker:
 
 
 def plan_items(cfg: DebiasConfig, steps: range, chunk: int) -> list[dict[str, Any]]:
-    """One item per (iteration, chunk of its images)."""
+    """One item per (iteration, prompt of it, chunk of its images)."""
+    from fairness.training.plan import iteration_plan
     from fairness.training.prompts import PromptSampler
-    from fairness.seeding import derive_seed, numpy_rng
 
     sampler = PromptSampler(cfg.prompts.train, cfg.seed)
-    lo, hi = (cfg.dft.steps, cfg.dft.steps) if isinstance(cfg.dft.steps, int) else cfg.dft.steps
-    items = []
     n = cfg.train.images_per_prompt
-    for step in steps:
-        _, prompt = sampler.draw(step)
-        num_steps = int(numpy_rng(cfg.seed, "num-steps", step).integers(lo, hi + 1))
-        seed = derive_seed(cfg.seed, "iter", step)
-        for start in range(0, n, chunk):
-            items.append({"step": step, "prompt": prompt, "noise_seed": seed, "num_steps": num_steps,
-                          "start": start, "count": min(chunk, n - start)})
-    return items
+    return [{"step": step, "prompt": d.prompt, "noise_seed": d.noise_seed, "num_steps": d.num_steps,
+             "start": start, "count": min(chunk, n - start)}
+            for step in steps for d in iteration_plan(cfg, sampler, step) for start in range(0, n, chunk)]
 
 
 def build_bank(cfg: DebiasConfig, out: str | Path, first_step: int = 1, last_step: int | None = None,

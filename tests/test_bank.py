@@ -21,15 +21,15 @@ def test_bank_gives_same_loss_as_generating(tmp_path, ray_session):
     plain = Trainer(cfg, tmp_path / "a", progress=False)
     banked = Trainer(cfg, tmp_path / "b", progress=False, bank=bank)
     for step in (1, 2):
-        _, prompt, steps, seed = plain.iteration_plan(step)
-        assert bank.has(prompt, seed, plain.local_indices(), steps)
+        (draw,) = plain.iteration_plan(step)
+        assert bank.has(draw.prompt, draw.noise_seed, plain.local_indices(), draw.num_steps)
         torch.manual_seed(0)
         la, logs_a = plain.loss_for(step)
         lb, logs_b = banked.loss_for(step)
         torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
     # Iterations outside the bank fall back to generating.
-    _, prompt, steps, seed = plain.iteration_plan(3)
-    assert not bank.has(prompt, seed, plain.local_indices(), steps)
+    (draw,) = plain.iteration_plan(3)
+    assert not bank.has(draw.prompt, draw.noise_seed, plain.local_indices(), draw.num_steps)
     # The bank carries the job's fingerprint: another guidance is refused, for training and for
     # adding rows to the same folder.
     assert bank.fingerprint == bank_fingerprint(cfg)

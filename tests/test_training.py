@@ -44,8 +44,10 @@ def test_validation_reports_kept_objects_and_generates_the_originals_once(tmp_pa
     assert first["val_score"] == trainer.cfg.train.selection.score(first)
 
 
-def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
-    cfg = tiny_config(tmp_path, train__ema_decay=0.9)
+@pytest.mark.parametrize("schedule", [{}, {"train__prompts_per_step": 2, "train__lr_scheduler": "cosine",
+                                           "train__lr_warmup_steps": 1}], ids=["one-prompt", "two-prompts-cosine"])
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, schedule):
+    cfg = tiny_config(tmp_path, train__ema_decay=0.9, **schedule)
     full = Trainer(cfg, tmp_path / "full", progress=False)
     full.fit()
     part = Trainer(cfg, tmp_path / "part", progress=False)
@@ -66,14 +68,48 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
     assert strip(la) == strip(lb)
 
 
+def test_prompts_per_step_average_their_gradients_and_keep_the_first_draw(tmp_path):
+    one = Trainer(tiny_config(tmp_path), tmp_path / "one", progress=False)
+    two = Trainer(tiny_config(tmp_path, train__prompts_per_step=2), tmp_path / "two", progress=False)
+    plans = [two.iteration_plan(step) for step in range(1, 9)]
+    assert [p[0] for p in plans] == [one.iteration_plan(step)[0] for step in range(1, 9)]
+    assert all(p[0].num_steps == p[1].num_steps and p[0].noise_seed != p[1].noise_seed for p in plans)
+    assert {p[1].prompt for p in plans} == set(tiny_config(tmp_path).prompts.train[0].prompts)
+
+    def grads(k):
+        two.optimizer.zero_grad(set_to_none=True)
+        two.loss_for(1, k)[0].backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in two.params]
+
+    expected = [(a + b) / 2 for a, b in zip(grads(0), grads(1))]
+    seen = []  # the accumulated gradient, where workers would average it
+    two.collective.average_gradients = lambda params: seen.extend(p.grad.clone() for p in params)
+    row = two.train_step()
+    assert len(seen) == len(expected)
+    for got, want in zip(seen, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    assert len(row["prompt"]) == 2 and isinstance(row["loss/total"], float)
+
+
+def test_lr_schedule_follows_the_iterations(tmp_path):
+    cfg = tiny_config(tmp_path, train__lr_scheduler="cosine", train__lr_warmup_steps=1)
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.fit()
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    peak = cfg.train.lr
+    # diffusers' cosine: 0 in the one warm-up step, then half a cosine from the peak toward 0.
+    expected = [0.0] + [peak * 0.5 * (1 + math.cos(math.pi * s / 3)) for s in (0, 1, 2)]
+    assert lrs == pytest.approx(expected)
+
+
 def test_non_finite_gradients_are_skipped_and_counted(tmp_path):
     cfg = tiny_config(tmp_path, train__iterations=3, train__checkpoint_every=3)
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     before = _adapter_state(trainer)
     original = trainer.loss_for
 
-    def poisoned(step):
-        loss, logs = original(step)
+    def poisoned(step, k=0):
+        loss, logs = original(step, k)
         return loss * float("nan") if step == 2 else loss, logs
 
     trainer.loss_for = poisoned

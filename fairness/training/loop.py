@@ -1,9 +1,10 @@
 """The debiasing training loop (single process; Ray Train wraps it unchanged).
 
-Each iteration: draw a prompt and a step count, draw noise for the batch's images, get the
-frozen model's originals from the same noise, generate the finetuned images *with* gradient
-(these same images decide the OT targets), compute the loss, backpropagate, skip the update if
-any gradient is non-finite, step AdamW, update the EMA. Every ``checkpoint_every`` iterations:
+Each iteration: draw ``train.prompts_per_step`` prompts and a step count (:mod:`~fairness.training.plan`);
+for each prompt, draw noise for its images, get the frozen model's originals from the same
+noise, generate the finetuned images *with* gradient (these same images decide the OT targets),
+compute the loss and backpropagate it. Then skip the update if any gradient is non-finite, step
+AdamW and the learning-rate schedule, update the EMA. Every ``checkpoint_every`` iterations:
 checkpoint, validate on held-out prompts, keep the best.
 
 All randomness of iteration ``s`` is derived from (seed, s), so a resumed run reproduces the
@@ -34,6 +35,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -41,12 +43,26 @@ from fairness.adapters.io import export_adapter
 from fairness.config import DebiasConfig
 from fairness.dft.batched import step_seed
 from fairness.metrics.bias import target_gap
-from fairness.seeding import derive_seed, image_noise, numpy_rng
+from fairness.seeding import derive_seed, image_noise
 from fairness.training.debiaser import Debiaser
 from fairness.training.bank import OriginalsBank, bank_fingerprint
 from fairness.training.objective import Collective, OriginalsInfo, SingleProcess
+from fairness.training.plan import PromptDraw, iteration_plan
 from fairness.training.prompts import PromptSampler, resolve_prompts
 from fairness.training.rundir import RunDir
+
+
+def merge_logs(logs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One log row from the rows of an iteration's prompts: numbers averaged, anything else
+    (prompt, set) listed; a one-prompt iteration's row is its prompt's."""
+    if len(logs) == 1:
+        return logs[0]
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for row in logs for k in row):
+        values = [row[key] for row in logs if key in row]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        out[key] = float(np.mean(values)) if numeric else values
+    return out
 
 
 class TrainingInterrupted(RuntimeError):
@@ -168,6 +184,8 @@ class Trainer:
             self.bank.check(bank_fingerprint(cfg), self.model.objective.attributes)
         self.params = self.model.adapter.parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.lr_schedule = get_scheduler(cfg.train.lr_scheduler, self.optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
+                                         num_training_steps=cfg.train.iterations)
         self.ema = EMA(self.params, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.model.dtype == "float16" and self.model.device.type == "cuda")
         self.step = 0
@@ -188,6 +206,7 @@ class Trainer:
         return {
             "step": self.step, "skipped": self.skipped, "best_score": self.best_score, "best_step": self.best_step,
             "best_state": self.best_state, "adapter": self.model.adapter.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_schedule.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "scaler": self.scaler.state_dict(), "nonfinite_streak": self.nonfinite_streak,
         }
@@ -195,6 +214,8 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.adapter.load_state_dict(state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if "lr_scheduler" in state:  # checkpoints from before schedules ran at a constant rate
+            self.lr_schedule.load_state_dict(state["lr_scheduler"])
         ema = state.get("ema")
         if isinstance(ema, list):  # checkpoints from before EMAModel stored the averages alone
             ema = {"shadow_params": ema, "optimization_step": state["step"] - state["skipped"]}
@@ -226,43 +247,50 @@ class Trainer:
         per = n // w
         return list(range(r * per, (r + 1) * per))
 
-    def iteration_plan(self, step: int) -> tuple[str, str, int, int]:
-        """(prompt set, prompt, sampler steps, noise seed) of iteration ``step``."""
-        set_name, prompt = self.sampler.draw(step)
-        steps = self.cfg.dft.steps
-        lo, hi = (steps, steps) if isinstance(steps, int) else steps
-        num_steps = int(numpy_rng(self.cfg.seed, "num-steps", step).integers(lo, hi + 1))
-        return set_name, prompt, num_steps, derive_seed(self.cfg.seed, "iter", step)
+    def iteration_plan(self, step: int) -> list[PromptDraw]:
+        """The prompts of iteration ``step``, with their sampler steps and noise seeds."""
+        return iteration_plan(self.cfg, self.sampler, step)
 
     def originals(self, prompt: str, noise_seed: int, indices: list[int], num_steps: int, noise: torch.Tensor) -> OriginalsInfo:
         if self.bank is not None and self.bank.has(prompt, noise_seed, indices, num_steps):
             return self.bank.lookup(prompt, noise_seed, indices, num_steps).to(self.model.device)
         return self.model.objective.describe_originals(self.model.sample_original([prompt] * len(indices), noise, num_steps))
 
-    def loss_for(self, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The loss of iteration ``step`` on this worker's share of the batch (with graph)."""
-        set_name, prompt, num_steps, noise_seed = self.iteration_plan(step)
+    def loss_for(self, step: int, k: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss of prompt ``k`` of iteration ``step`` on this worker's share of its images
+        (with graph)."""
+        draw = self.iteration_plan(step)[k]
         idx = self.local_indices()
-        noise = image_noise(noise_seed, prompt, idx, self.model.latent_shape)
-        orig = self.originals(prompt, noise_seed, idx, num_steps, noise)
-        with step_seed(derive_seed(self.cfg.seed, "dft-steps", step)):  # the same on every worker
-            images = self.model.sample([prompt] * len(idx), noise, num_steps, self.cfg.dft.mode)
-        out = self.model.objective(images, orig, seed=derive_seed(self.cfg.seed, "ot", step), collective=self.collective)
-        return out.total, {"prompt": prompt, "set": set_name, "sampler_steps": num_steps, **out.logs}
+        noise = image_noise(draw.noise_seed, draw.prompt, idx, self.model.latent_shape)
+        orig = self.originals(draw.prompt, draw.noise_seed, idx, draw.num_steps, noise)
+        # The same subsampled DFT steps on every worker; the OT seed differs per prompt.
+        keys = (step,) if k == 0 else (step, k)
+        with step_seed(derive_seed(self.cfg.seed, "dft-steps", *keys)):
+            images = self.model.sample([draw.prompt] * len(idx), noise, draw.num_steps, self.cfg.dft.mode)
+        out = self.model.objective(images, orig, seed=derive_seed(self.cfg.seed, "ot", *keys), collective=self.collective)
+        return out.total, {"prompt": draw.prompt, "set": draw.set_name, "sampler_steps": draw.num_steps, **out.logs}
 
     def train_step(self) -> dict[str, Any]:
         step = self.step + 1
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, logs = self.loss_for(step)
-        self.scaler.scale(loss).backward()
+        # One backward per prompt: only one prompt's graph is held at a time.
+        prompts = self.cfg.train.prompts_per_step
+        losses, logs = [], []
+        for k in range(prompts):
+            loss_k, logs_k = self.loss_for(step, k)
+            self.scaler.scale(loss_k / prompts).backward()
+            losses.append(float(loss_k.detach()))
+            logs.append(logs_k)
+        loss_value = float(np.mean(losses))
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self.collective.average_gradients(self.params)
         self.scaler.unscale_(self.optimizer)
+        lr = self.optimizer.param_groups[0]["lr"]  # this iteration's, before the schedule moves on
         grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in self.params))
-        finite = bool(torch.isfinite(grad_norm)) and math.isfinite(loss.item())
+        finite = bool(torch.isfinite(grad_norm)) and math.isfinite(loss_value)
         if finite:
             if self.cfg.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
@@ -271,6 +299,7 @@ class Trainer:
                 self.ema.update()
         else:
             self.skipped += 1
+        self.lr_schedule.step()  # the schedule follows iterations, skipped ones included
         # A skipped step counts towards divergence, except under fp16 loss scaling while the
         # scaler can still lower its scale (its overflow skips are routine). Both tests read
         # state every worker shares (averaged gradients, scaler), so all workers stop together.
@@ -280,7 +309,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step = step
         row = {"step": step, "grad_norm": float(grad_norm), "skipped": not finite, "skipped_total": self.skipped,
-               "seconds": time.perf_counter() - t0, **logs}
+               "seconds": time.perf_counter() - t0, "lr": lr, **merge_logs(logs)}
         if self.is_main:
             self.run.append(self.run.log_path, row)
         limit = self.cfg.train.max_nonfinite_steps

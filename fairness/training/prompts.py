@@ -50,9 +50,9 @@ class PromptSampler:
         self.weights = w / w.sum()
         self.seed = seed
 
-    def draw(self, step: int) -> tuple[str, str]:
-        """(set name, prompt) for iteration ``step``."""
-        rng = numpy_rng(self.seed, "prompt", step)
+    def draw(self, step: int, *more_keys: int) -> tuple[str, str]:
+        """(set name, prompt) for iteration ``step`` (``more_keys``: which of its prompts)."""
+        rng = numpy_rng(self.seed, "prompt", step, *more_keys)
         name, prompts = self.sets[int(rng.choice(len(self.sets), p=self.weights))]
         return name, prompts[int(rng.integers(len(prompts)))]
 
