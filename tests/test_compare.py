@@ -131,3 +131,34 @@ def test_ours_training_cost_is_read_from_its_run_directory(tmp_path):
     assert training_seconds_of(str(tmp_path / "run" / "adapter")) == 6.5
     assert training_seconds_of(str(tmp_path / "elsewhere" / "adapter")) is None
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_seeds_table_averages_two_seeds_and_refuses_mismatched_runs(tmp_path, assets):
+    from fairness.report.compare_seeds import SeedsMismatch, seeds_table
+    from fairness.report.html import format_cell
+
+    light = [{"method": "original"},
+             {"method": "ethical-intervention", "attribute": "tone", "suffix": "in {classes}", "joiner": " "}]
+    folders = []
+    for seed in (0, 1):
+        (tmp_path / f"s{seed}").mkdir()
+        cfg = _config(tmp_path / f"s{seed}", assets, seed=seed, methods=light, grid_prompts=0)
+        assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / f"out{seed}"), "--quiet"]) == 0
+        folders.append(tmp_path / f"out{seed}")
+    per_seed = [next(r for r in json.loads((f / "compare.json").read_text())["runs"]
+                     if r["method"] == "original" and r["law"] == "uniform") for f in folders]
+    biases = [r["audit"]["summary"]["bias"]["tone"]["mean"] for r in per_seed]
+    text = seeds_table(folders)
+    row = next(line for line in text.splitlines() if line.startswith("| uniform | original |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    header = next(line for line in text.splitlines() if line.startswith("| law |"))
+    column = [c.strip() for c in header.strip("|").split("|")].index("bias tone")
+    assert cells[column] == f"{format_cell(sum(biases) / 2)} ({format_cell(biases[0])} / {format_cell(biases[1])})"
+    assert text.startswith("**test** (seeds 0, 1")
+    with pytest.raises(SeedsMismatch, match="share a seed"):
+        seeds_table([folders[0], folders[0]])
+    (tmp_path / "other").mkdir()
+    other = _config(tmp_path / "other", assets, seed=2, methods=light[:1], grid_prompts=0)
+    assert main(["compare", "--config", str(other), "--out", str(tmp_path / "other-out"), "--quiet"]) == 0
+    with pytest.raises(SeedsMismatch, match="rows differ"):
+        seeds_table([folders[0], tmp_path / "other-out"])
