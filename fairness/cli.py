@@ -222,7 +222,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fairness.report.compare import tables_text
 
     _set_torch_threads(args)
-    cfg = load_compare_config(args.config)
+    cfg = load_compare_config(args.config, _parse_overrides(args.set))
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     result = run_compare(cfg, progress=not args.quiet)
     paths = write_compare(result, out)
@@ -322,9 +322,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML job config (see pipelines/configs/)")
     p.add_argument("--run-dir", default=None, help="run directory (default: runs/<name>)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.iterations=10 (repeatable)")
+    _add_set_arg(p, "train.iterations=10")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_set_arg(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a config field, e.g. --set {example} (repeatable; a number indexes a list)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -450,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "side by side: tables + HTML")
     p.add_argument("--config", required=True, help="compare YAML (see pipelines/configs/toyworld/compare.yaml)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<name>)")
+    _add_set_arg(p, "seed=1 --set methods.2.adp=runs/adp-tone-s1")
     _add_threads_arg(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)

@@ -242,12 +242,26 @@ REPLACED_WHOLE = {"target"}
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any, sep: str = ".") -> None:
-    """``set_dotted(d, "train.lr", 1e-4)`` sets ``d["train"]["lr"]`` (creating mappings)."""
-    node = data
+    """``set_dotted(d, "train.lr", 1e-4)`` sets ``d["train"]["lr"]`` (creating mappings); a
+    number indexes a list: ``"methods.2.adp"`` is the third method's ``adp``."""
+    node: Any = data
     *parents, leaf = dotted.split(sep)
     for key in parents:
-        node = node.setdefault(key, {})
-    node[leaf] = value
+        node = _list_item(node, key, dotted) if isinstance(node, list) else node.setdefault(key, {})
+    if isinstance(node, list):
+        node[_list_index(node, leaf, dotted)] = value
+    else:
+        node[leaf] = value
+
+
+def _list_index(items: list[Any], key: str, dotted: str) -> int:
+    if not key.lstrip("-").isdigit() or not -len(items) <= int(key) < len(items):
+        raise ConfigError(f"{dotted}: {key!r} is not an index of a list of {len(items)}")
+    return int(key)
+
+
+def _list_item(items: list[Any], key: str, dotted: str) -> Any:
+    return items[_list_index(items, key, dotted)]
 
 
 def get_dotted(data: dict[str, Any], dotted: str, sep: str = ".") -> Any:
@@ -266,7 +280,7 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any], top: bool = True) ->
     return out
 
 
-def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def read_config_file(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a config, resolving ``extends: other.yaml`` (relative to the file) recursively."""
     if not p.exists():
         raise ConfigError(f"config file not found: {p}")
@@ -281,7 +295,7 @@ def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    return _deep_merge(_read_yaml(p.parent / parent, seen + (p.resolve(),)), data)
+    return _deep_merge(read_config_file(p.parent / parent, seen + (p.resolve(),)), data)
 
 
 def _error_line(error: Mapping[str, Any]) -> str:
@@ -298,7 +312,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> De
     key by key, anything else (lists, scalars) and the whole ``target`` replaces.
     """
     p = Path(path)
-    data = _read_yaml(p)
+    data = read_config_file(p)
     for dotted, value in (overrides or {}).items():
         set_dotted(data, dotted, value)
     try:

@@ -14,6 +14,7 @@ import yaml
 from fairness.adapters import AdapterSpec, attach_adapter, export_adapter
 from fairness.baselines.distribution_guidance import ADPTrainConfig, train_adp
 from fairness.cli import main
+from fairness.config import ConfigError
 from fairness.models.loading import load_perception, load_pipeline
 from fairness.toyworld import world
 
@@ -119,8 +120,16 @@ def test_a_method_twice_needs_labels_and_the_original_is_required(tmp_path, asse
 def test_shipped_example_config_is_valid():
     from fairness.baselines.compare import load_compare_config
 
-    cfg = load_compare_config(Path(__file__).parents[1] / "pipelines/configs/toyworld/compare.yaml")
+    path = Path(__file__).parents[1] / "pipelines/configs/toyworld/compare.yaml"
+    cfg = load_compare_config(path)
     assert {s.method for s in cfg.specs()} == set(METHODS) and set(cfg.laws) == {"uniform", "light75"}
+    # The second seed's table is the same file with overrides (docs/baselines.md).
+    dg = next(i for i, m in enumerate(cfg.methods) if m["method"] == "distribution-guidance")
+    other = load_compare_config(path, {"seed": 1, f"methods.{dg}.adp": "runs/adp-tone-s1"})
+    assert other.seed == 1 and other.methods[dg]["adp"] == "runs/adp-tone-s1"
+    assert [m for i, m in enumerate(other.methods) if i != dg] == [m for i, m in enumerate(cfg.methods) if i != dg]
+    with pytest.raises(ConfigError, match=r"methods\.9\.adp: '9' is not an index of a list of 5"):
+        load_compare_config(path, {"methods.9.adp": "x"})
 
 
 def test_ours_training_cost_is_read_from_its_run_directory(tmp_path):

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fairness.baselines.methods import (
@@ -30,7 +29,7 @@ from fairness.baselines.methods import (
     target_marginals,
 )
 from fairness.baselines.texts import BaselineError
-from fairness.config import ConfigError, ModelConfig, PromptSet
+from fairness.config import ConfigError, ModelConfig, PromptSet, read_config_file, set_dotted
 from fairness.dft.engine import SamplingConfig
 from fairness.generation import load_model, sampling_defaults
 from fairness.metrics.audit import AuditResult, audit
@@ -72,12 +71,15 @@ class CompareConfig(BaseModel):
         return [parse_method(m, f"methods[{i}]") for i, m in enumerate(self.methods)]
 
 
-def load_compare_config(path: str | Path) -> CompareConfig:
+def load_compare_config(path: str | Path, overrides: dict[str, Any] | None = None) -> CompareConfig:
+    """Read a compare config (following ``extends``, like debias configs) with ``overrides``
+    (dotted keys; a number indexes a list, ``methods.2.adp``) merged in."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+    data = read_config_file(p)
+    for dotted, value in (overrides or {}).items():
+        set_dotted(data, dotted, value)
     try:
-        return CompareConfig.model_validate(yaml.safe_load(p.read_text()) or {})
+        return CompareConfig.model_validate(data)
     except ValidationError as exc:
         lines = [f"{'.'.join(str(x) for x in e['loc'])}: {str(e['msg']).removeprefix('Value error, ')}"
                  for e in exc.errors()]
