@@ -142,8 +142,8 @@ def test_non_finite_losses_are_counted_in_a_warning_and_a_streak_stops_the_run(w
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     loss_for, poisoned = trainer.loss_for, {2, 4, 5, 6}
 
-    def nan_at_some_steps(step, k=0):
-        loss, logs = loss_for(step, k)
+    def nan_at_some_steps(step):
+        loss, logs = loss_for(step)
         return (loss * math.nan if step in poisoned else loss), logs
 
     trainer.loss_for = nan_at_some_steps

@@ -136,10 +136,10 @@ def test_sigint_checkpoints_the_current_iteration_and_exits_130(world, tmp_path)
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     loss_for = trainer.loss_for
 
-    def interrupted_at_3(step, k=0):
+    def interrupted_at_3(step):
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)  # arrives mid-iteration; the iteration still ends
-        return loss_for(step, k)
+        return loss_for(step)
 
     trainer.loss_for = interrupted_at_3
     handler = signal.getsignal(signal.SIGINT)

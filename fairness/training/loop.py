@@ -1,10 +1,10 @@
 """The debiasing training loop (single process; Ray Train wraps it unchanged).
 
-Each iteration: draw ``train.prompts_per_step`` prompts and a step count (:mod:`~fairness.training.plan`);
-for each prompt, draw noise for its images, get the frozen model's originals from the same
-noise, generate the finetuned images *with* gradient (these same images decide the OT targets),
-compute the loss and backpropagate it. Then skip the update if any gradient is non-finite, step
-AdamW and the learning-rate schedule, update the EMA. Every ``checkpoint_every`` iterations:
+Each iteration: draw ``train.prompts_per_step`` prompts and a step count (:mod:`~fairness.training.plan`),
+draw noise for their images, get the frozen model's originals from the same noise, generate
+the finetuned images *with* gradient in one batch (these same images decide each prompt's OT
+targets), average the prompts' losses, backpropagate, skip the update if any gradient is
+non-finite, step AdamW and the learning-rate schedule, update the EMA. Every ``checkpoint_every`` iterations:
 checkpoint, validate on held-out prompts, keep the best.
 
 All randomness of iteration ``s`` is derived from (seed, s), so a resumed run reproduces the
@@ -251,38 +251,49 @@ class Trainer:
         """The prompts of iteration ``step``, with their sampler steps and noise seeds."""
         return iteration_plan(self.cfg, self.sampler, step)
 
-    def originals(self, prompt: str, noise_seed: int, indices: list[int], num_steps: int, noise: torch.Tensor) -> OriginalsInfo:
-        if self.bank is not None and self.bank.has(prompt, noise_seed, indices, num_steps):
-            return self.bank.lookup(prompt, noise_seed, indices, num_steps).to(self.model.device)
-        return self.model.objective.describe_originals(self.model.sample_original([prompt] * len(indices), noise, num_steps))
+    def originals(self, draws: list[PromptDraw], indices: list[int], noise: torch.Tensor) -> list[OriginalsInfo]:
+        """The frozen model's side of each draw's images (``noise``: the draws' noise, one after
+        the other): from the bank where it has them, else generated in one batch."""
+        n, out = len(indices), {}
+        for k, d in enumerate(draws):
+            if self.bank is not None and self.bank.has(d.prompt, d.noise_seed, indices, d.num_steps):
+                out[k] = self.bank.lookup(d.prompt, d.noise_seed, indices, d.num_steps).to(self.model.device)
+        missing = [k for k in range(len(draws)) if k not in out]
+        if missing:
+            prompts = [draws[k].prompt for k in missing for _ in indices]
+            batch = torch.cat([noise[k * n:(k + 1) * n] for k in missing])
+            info = self.model.objective.describe_originals(self.model.sample_original(prompts, batch, draws[0].num_steps))
+            out.update({k: info.rows(slice(j * n, (j + 1) * n)) for j, k in enumerate(missing)})
+        return [out[k] for k in range(len(draws))]
 
-    def loss_for(self, step: int, k: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The loss of prompt ``k`` of iteration ``step`` on this worker's share of its images
-        (with graph)."""
-        draw = self.iteration_plan(step)[k]
-        idx = self.local_indices()
-        noise = image_noise(draw.noise_seed, draw.prompt, idx, self.model.latent_shape)
-        orig = self.originals(draw.prompt, draw.noise_seed, idx, draw.num_steps, noise)
-        # The same subsampled DFT steps on every worker; the OT seed differs per prompt.
-        keys = (step,) if k == 0 else (step, k)
-        with step_seed(derive_seed(self.cfg.seed, "dft-steps", *keys)):
-            images = self.model.sample([draw.prompt] * len(idx), noise, draw.num_steps, self.cfg.dft.mode)
-        out = self.model.objective(images, orig, seed=derive_seed(self.cfg.seed, "ot", *keys), collective=self.collective)
-        return out.total, {"prompt": draw.prompt, "set": draw.set_name, "sampler_steps": draw.num_steps, **out.logs}
+    def loss_for(self, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss of iteration ``step`` on this worker's share of its images (with graph).
+
+        All the iteration's prompts are generated in one batch; each prompt's images get their
+        own OT targets, and the prompts' losses are averaged."""
+        draws, idx = self.iteration_plan(step), self.local_indices()
+        n = len(idx)
+        noise = torch.cat([image_noise(d.noise_seed, d.prompt, idx, self.model.latent_shape) for d in draws])
+        originals = self.originals(draws, idx, noise)
+        with step_seed(derive_seed(self.cfg.seed, "dft-steps", step)):  # the same on every worker
+            images = self.model.sample([d.prompt for d in draws for _ in idx], noise, draws[0].num_steps,
+                                       self.cfg.dft.mode)
+        losses, logs = [], []
+        for k, (d, orig) in enumerate(zip(draws, originals)):
+            keys = (step,) if k == 0 else (step, k)
+            out = self.model.objective(images[k * n:(k + 1) * n], orig, seed=derive_seed(self.cfg.seed, "ot", *keys),
+                                       collective=self.collective)
+            losses.append(out.total)
+            logs.append({"prompt": d.prompt, "set": d.set_name, "sampler_steps": d.num_steps, **out.logs})
+        return torch.stack(losses).mean(), merge_logs(logs)
 
     def train_step(self) -> dict[str, Any]:
         step = self.step + 1
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        # One backward per prompt: only one prompt's graph is held at a time.
-        prompts = self.cfg.train.prompts_per_step
-        losses, logs = [], []
-        for k in range(prompts):
-            loss_k, logs_k = self.loss_for(step, k)
-            self.scaler.scale(loss_k / prompts).backward()
-            losses.append(float(loss_k.detach()))
-            logs.append(logs_k)
-        loss_value = float(np.mean(losses))
+        loss, logs = self.loss_for(step)
+        self.scaler.scale(loss).backward()
+        loss_value = float(loss.detach())
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -309,7 +320,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step = step
         row = {"step": step, "grad_norm": float(grad_norm), "skipped": not finite, "skipped_total": self.skipped,
-               "seconds": time.perf_counter() - t0, "lr": lr, **merge_logs(logs)}
+               "seconds": time.perf_counter() - t0, "lr": lr, **logs}
         if self.is_main:
             self.run.append(self.run.log_path, row)
         limit = self.cfg.train.max_nonfinite_steps

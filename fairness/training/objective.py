@@ -59,6 +59,11 @@ class OriginalsInfo:
     features: dict[str, torch.Tensor]
     found: torch.Tensor
 
+    def rows(self, index: slice) -> "OriginalsInfo":
+        """The info of some of the images (one prompt's share of a batch of several)."""
+        return OriginalsInfo({k: v[index] for k, v in self.classes.items()},
+                             {k: v[index] for k, v in self.features.items()}, self.found[index])
+
     def to(self, device: torch.device | str) -> "OriginalsInfo":
         return OriginalsInfo({k: v.to(device) for k, v in self.classes.items()},
                              {k: v.to(device) for k, v in self.features.items()}, self.found.to(device))
