@@ -85,7 +85,7 @@ def test_prompts_per_step_average_their_gradients_and_keep_the_first_draw(tmp_pa
         one.optimizer.zero_grad(set_to_none=True)
         loss = one.loss_for(1)[0]
         loss.backward()
-        return float(loss), [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in one.params]
+        return float(loss.detach()), [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in one.params]
 
     (l0, g0), (l1, g1) = alone(plans[0][0]), alone(plans[0][1])
     seen = []  # the iteration's gradient, where workers would average it
