@@ -4,7 +4,8 @@
 each folder's ``compare.json`` (written by ``fairness compare`` with the same methods and laws
 and another ``seed``) and prints, per prompt set, one row per (law, method): the mean over seeds
 of the bias of every targeted attribute, its gap to the law, shape accuracy, CLIP-I, objects
-found and inference seconds per image, with each seed's value in brackets. One seed's table
+found, inference seconds per image and one-time training seconds, with each seed's value in
+brackets. One seed's table
 cannot tell a method's effect from its noise; the spread between seeds shows it.
 """
 
@@ -43,6 +44,7 @@ def _rows(compare: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, float
             values[metric] = _mean(s["semantics"].get(metric))
         values["objects found"] = _mean(s["faces"])
         values["s/image"] = _mean(run["seconds_per_image"])
+        values["training s"] = _mean(run["training_seconds"])
         out[(run["prompt_set"], run["law"], run["method"])] = values
     return out
 
