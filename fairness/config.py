@@ -247,7 +247,7 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any, sep: str = ".") ->
     node: Any = data
     *parents, leaf = dotted.split(sep)
     for key in parents:
-        node = _list_item(node, key, dotted) if isinstance(node, list) else node.setdefault(key, {})
+        node = node[_list_index(node, key, dotted)] if isinstance(node, list) else node.setdefault(key, {})
     if isinstance(node, list):
         node[_list_index(node, leaf, dotted)] = value
     else:
@@ -258,10 +258,6 @@ def _list_index(items: list[Any], key: str, dotted: str) -> int:
     if not key.lstrip("-").isdigit() or not -len(items) <= int(key) < len(items):
         raise ConfigError(f"{dotted}: {key!r} is not an index of a list of {len(items)}")
     return int(key)
-
-
-def _list_item(items: list[Any], key: str, dotted: str) -> Any:
-    return items[_list_index(items, key, dotted)]
 
 
 def get_dotted(data: dict[str, Any], dotted: str, sep: str = ".") -> Any:

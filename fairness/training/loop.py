@@ -47,7 +47,7 @@ from fairness.seeding import derive_seed, image_noise
 from fairness.training.debiaser import Debiaser
 from fairness.training.bank import OriginalsBank, bank_fingerprint
 from fairness.training.objective import Collective, OriginalsInfo, SingleProcess
-from fairness.training.plan import PromptDraw, iteration_plan
+from fairness.training.plan import PromptDraw, draw_keys, iteration_plan
 from fairness.training.prompts import PromptSampler, resolve_prompts
 from fairness.training.rundir import RunDir
 
@@ -280,9 +280,8 @@ class Trainer:
                                        self.cfg.dft.mode)
         losses, logs = [], []
         for k, (d, orig) in enumerate(zip(draws, originals)):
-            keys = (step,) if k == 0 else (step, k)
-            out = self.model.objective(images[k * n:(k + 1) * n], orig, seed=derive_seed(self.cfg.seed, "ot", *keys),
-                                       collective=self.collective)
+            seed = derive_seed(self.cfg.seed, "ot", *draw_keys(step, k))
+            out = self.model.objective(images[k * n:(k + 1) * n], orig, seed=seed, collective=self.collective)
             losses.append(out.total)
             logs.append({"prompt": d.prompt, "set": d.set_name, "sampler_steps": d.num_steps, **out.logs})
         return torch.stack(losses).mean(), merge_logs(logs)

@@ -24,6 +24,12 @@ class PromptDraw:
     noise_seed: int
 
 
+def draw_keys(step: int, k: int) -> tuple[int, ...]:
+    """The seed keys of draw ``k`` of iteration ``step``: the first draw keeps a one-prompt
+    run's keys, so its prompt, noise and OT targets are those of a one-prompt run."""
+    return (step,) if k == 0 else (step, k)
+
+
 def iteration_plan(cfg: DebiasConfig, sampler: PromptSampler, step: int) -> list[PromptDraw]:
     """The ``train.prompts_per_step`` draws of iteration ``step``.
 
@@ -33,7 +39,7 @@ def iteration_plan(cfg: DebiasConfig, sampler: PromptSampler, step: int) -> list
     num_steps = int(numpy_rng(cfg.seed, "num-steps", step).integers(lo, hi + 1))
     draws = []
     for k in range(cfg.train.prompts_per_step):
-        keys = (step,) if k == 0 else (step, k)
+        keys = draw_keys(step, k)
         set_name, prompt = sampler.draw(*keys)
         draws.append(PromptDraw(set_name, prompt, num_steps, derive_seed(cfg.seed, "iter", *keys)))
     return draws
