@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from fairness.losses.alignment import confident_mask
-from fairness.targets.assignment import (assign_targets, binary_q, binary_tolerance, expected_assignment,
+from fairness.targets.assignment import (MAP_LIMIT, _count_vectors, _transport_rows, assign_targets, binary_q,
+                                         binary_tolerance, class_cost, expected_assignment, expected_plan,
                                          num_count_vectors)
 from fairness.targets.distributions import TargetError, TargetSpec
 
@@ -209,3 +210,17 @@ def test_a_conditional_attribute_gets_fewer_pushes_than_the_same_law_as_its_own_
     alone = [pushed(separate, s) for s in range(8)]
     assert all(a >= 1 for a in alone), alone  # 6 of 16 old against 25%: the binary target always acts
     assert sum(alone) >= 2 * sum(joint), (alone, joint)
+
+
+@pytest.mark.parametrize("n, k", [(4, 8), (8, 4), (5, 3), (1, 8), (16, 2)])
+def test_scoring_every_map_gives_the_plans_ot_emd_solves(n, k):
+    """The vectorised plans (every image-to-class map scored at once) equal one ot.emd per
+    count vector, weights and all, wherever K^N is small enough to take that path."""
+    assert k ** n <= MAP_LIMIT
+    rng = np.random.default_rng(n * 100 + k)
+    for _ in range(5):
+        cost = class_cost(rng.dirichlet(np.full(k, 0.5), size=n))
+        counts = _count_vectors(n, k)
+        w = rng.random(len(counts))
+        solved = sum(wi * _transport_rows(cost, c) for wi, c in zip(w, counts))
+        np.testing.assert_allclose(expected_plan(cost, counts, w), solved, atol=1e-9)
