@@ -132,8 +132,12 @@ def markdown(points: Sequence[Point], name_a: str, name_b: str) -> str:
 def plot(sa: Series, sb: Series, name_a: str, name_b: str, out_png: Path) -> Path:
     """One panel per key, every run's curve, one colour per group."""
     keys = [k for k in sa if k in sb]
-    fig = Figure(figsize=(4.2 * len(keys), 3.2), dpi=100, layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(keys)))
+    ncols = min(3, len(keys))
+    nrows = -(-len(keys) // ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows), dpi=100, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(keys):]:
+        ax.set_axis_off()
     for ax, key in zip(axes, keys):
         for group, name, color in ((sa, name_a, GROUP_COLORS[0]), (sb, name_b, GROUP_COLORS[1])):
             for i, run in enumerate(group[key]):
