@@ -65,6 +65,35 @@ def test_job_writes_metrics_and_a_complete_report(tmp_path):
     assert len(table) == 3 and "gender*race" in table[2] and table[2].startswith("| tiny | test |")
     faces = [result.before["test"].summary["faces"]["mean"], result.after["test"].summary["faces"]["mean"]]
     assert f"| {faces[0]:.0%} → {faces[1]:.0%} |" in table[2]  # the objects-found column
+    _check_seeds_table(tmp_path / "run")
+
+
+def _check_seeds_table(run) -> None:
+    """``results --seeds``: one config under two seeds gives the mean and each seed's value;
+    runs that share a seed or ran other configs are refused."""
+    import shutil
+
+    import yaml
+
+    from fairness.report.results import SeedsMismatch, seeds_table
+
+    other = run.with_name("run_seed1")
+    shutil.copytree(run, other)
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    (other / "config.yaml").write_text(yaml.safe_dump({**cfg, "seed": cfg["seed"] + 1}))
+    metrics = json.loads((other / "metrics.json").read_text())
+    after = metrics["sets"]["test"]["after"]["summary"]["bias"]["gender"]
+    first = after["mean"]
+    after["mean"] = first + 0.1
+    (other / "metrics.json").write_text(json.dumps(metrics))
+    table = seeds_table([run, other]).splitlines()
+    assert len(table) == 3 and table[2].startswith("| test (")
+    assert f"→ {first + 0.05:.3f} ({first:.3f}, {first + 0.1:.3f})" in table[2]
+    with pytest.raises(SeedsMismatch, match="share a seed"):
+        seeds_table([run, run])
+    (other / "metrics.json").write_text(json.dumps({**metrics, "config": "another"}))
+    with pytest.raises(SeedsMismatch, match="different configs"):
+        seeds_table([run, other])
 
 
 def test_originals_are_drawn_once_within_the_budget() -> None:

@@ -7,6 +7,12 @@ floor in brackets (the bias a perfectly fair generator scores on as many images)
 conditionally targeted class, the share of images with a detected object before -> after (a
 debiaser can "hide" the attribute by dropping the object; bias is measured only where there is
 one), semantic accuracy before -> after, CLIP-I and DINO analogs.
+
+``--seeds`` reads the runs as one config under several seeds (``fairness job ... --set seed=S``)
+and prints the README's table of that scenario: per prompt set, the mean over the seeds of
+each targeted bias before -> after with every seed's value after in brackets, semantic
+accuracy, CLIP-I and the share of prompts reversed past the target. One seed cannot tell an
+effect from its noise; the spread between seeds shows it.
 """
 
 from __future__ import annotations
@@ -87,15 +93,70 @@ def movement_table(runs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+class SeedsMismatch(ValueError):
+    """The runs given to :func:`seeds_table` are not one config under distinct seeds."""
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def seeds_table(runs: list[Path]) -> str:
+    """Markdown: one row per prompt set, the mean over ``runs`` (one config, distinct seeds)."""
+    metrics = [json.loads((r / "metrics.json").read_text()) for r in runs]
+    configs = [yaml.safe_load((r / "config.yaml").read_text()) for r in runs]
+    names, seeds = {m.get("config") for m in metrics}, [c.get("seed") for c in configs]
+    if len(names) > 1:
+        raise SeedsMismatch(f"the runs ran different configs {sorted(map(str, names))}: give one config's seeds")
+    if len(set(seeds)) < len(seeds):
+        raise SeedsMismatch(f"the runs share a seed ({seeds}): each seed once")
+    sets = list(metrics[0]["sets"])
+    for run, m in zip(runs[1:], metrics[1:]):
+        if list(m["sets"]) != sets:
+            raise SeedsMismatch(f"{run}: its prompt sets {list(m['sets'])} differ from {runs[0]}'s {sets}")
+    lines = ["| prompts | bias before → after, mean (each seed after) [fair floor] | semantic acc. | CLIP-I | reversed |",
+             "|---|---|---|---|---|"]
+    for set_name in sets:
+        data = [m["sets"][set_name] for m in metrics]
+        laws, _ = _targeted(runs[0], data[0]["after"]["attributes"])
+        biases, reversed_ = [], []
+        for n in laws:
+            b = _mean([d["before"]["summary"]["bias"][n]["mean"] for d in data])
+            a = [d["after"]["summary"]["bias"][n]["mean"] for d in data]
+            floor = mean_bias_floor([r["faces"] for r in data[0]["after"]["prompts"]],
+                                    len(data[0]["after"]["prompts"][0]["freq"][n]))
+            each = f" ({', '.join(f'{x:.3f}' for x in a)})" if len(a) > 1 else ""
+            biases.append(f"{n} {b:.3f} → {_mean(a):.3f}{each} [{floor:.2f}]")
+            moved = [movements(d["before"]["prompts"], d["after"]["prompts"], {n: laws[n]})[n]["reversed"] for d in data]
+            reversed_.append(f"{n} {_mean(moved):.0%}")
+        def semantics(when: str, key: str) -> str:  # the mean over seeds, "-" where a world has no such metric
+            vals = [d[when]["summary"]["semantics"].get(key, {}).get("mean") for d in data]
+            return "-" if None in vals else f"{_mean(vals):.3f}"
+
+        lines.append(f"| {set_name} ({len(data[0]['after']['prompts'])}) | {'; '.join(biases)} | "
+                     f"{semantics('before', 'accuracy_shape')} → {semantics('after', 'accuracy_shape')} | "
+                     f"{semantics('after', 'clip_i')} | {', '.join(reversed_)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fairness.report.results", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories with metrics.json")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--movement", action="store_true",
-                        help="instead, where debiasing moved each prompt: kept, near the target, or reversed")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--movement", action="store_true",
+                      help="instead, where debiasing moved each prompt: kept, near the target, or reversed")
+    mode.add_argument("--seeds", action="store_true",
+                      help="instead, the runs are one config under several seeds: one table, their mean")
     args = parser.parse_args(argv)
     runs = [Path(r) for r in args.runs]
-    table = movement_table(runs) if args.movement else markdown_table(runs)
+    if args.seeds:
+        try:
+            table = seeds_table(runs)
+        except SeedsMismatch as e:
+            parser.error(str(e))
+    else:
+        table = movement_table(runs) if args.movement else markdown_table(runs)
     if args.out:
         Path(args.out).write_text(table + "\n")
     print(table)
