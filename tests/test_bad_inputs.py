@@ -22,6 +22,7 @@ from fairness.cli import main
 from fairness.config import ConfigError, load_config
 from fairness.data.prompts import CorpusError
 from fairness.models.tiny import build_tiny_pipeline
+from fairness.targets.assignment import UnreachableTargetWarning
 from fairness.targets.distributions import TargetError
 from fairness.training.debiaser import Debiaser
 from fairness.training.loop import NonFiniteLossError, Trainer
@@ -85,6 +86,16 @@ def test_unknown_attributes_and_classes_fail_before_the_pipeline_loads(world, mo
     with pytest.raises(TargetError) as info:
         Debiaser(cfg)
     assert message in str(info.value)
+
+
+def test_a_target_class_no_image_can_reach_is_warned_before_the_pipeline_loads(world, monkeypatch):
+    """75/25 gender at 4 images per prompt and C = 0.8: 'female' can never get a confident
+    target (at most 1 - 0.75^4 = 0.68), so the loss could only push images away from it."""
+    cfg = tiny_config(world, target={"marginals": {"gender": {"male": 0.75, "female": 0.25}}})
+    monkeypatch.setattr(fairness.training.debiaser, "load_pipeline", _never("the diffusion pipeline"))
+    with pytest.warns(UnreachableTargetWarning, match=r"gender='female' \(target share 0.25\) can never get a confident"):
+        with pytest.raises(AssertionError, match="the diffusion pipeline"):  # warned first, then the pipeline
+            Debiaser(cfg)
 
 
 # -- prompt files --------------------------------------------------------------------------

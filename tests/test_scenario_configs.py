@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fairness.config import load_config
+from fairness.targets.assignment import unreachable_targets
 from fairness.targets.distributions import TargetSpec
 from fairness.toyworld.world import ATTRIBUTES
 from fairness.training.prompts import resolve_prompts
@@ -24,6 +25,8 @@ def test_config_is_valid(path):
         assert resolve_prompts(ps)
     names = {ps.name for ps in cfg.prompts.test}
     assert {"test-concepts", "unseen-templates", "unseen-contexts"} <= names
+    # Every targeted class can get a confident target at the config's batch and thresholds.
+    assert [u.message() for u in unreachable_targets(groups, cfg.train.images_per_prompt, cfg.loss.threshold)] == []
 
 
 def test_conditional_scenario_targets_25_percent_striped():

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from fairness.losses.alignment import confident_mask
 from fairness.targets.assignment import (MAP_LIMIT, _count_vectors, _transport_rows, assign_targets, binary_q,
                                          binary_tolerance, class_cost, expected_assignment, expected_plan,
-                                         num_count_vectors)
+                                         num_count_vectors, reachable_confidence, unreachable_targets)
 from fairness.targets.distributions import TargetError, TargetSpec
 
 CPU = torch.device("cpu")
@@ -224,3 +224,27 @@ def test_scoring_every_map_gives_the_plans_ot_emd_solves(n, k):
         w = rng.random(len(counts))
         solved = sum(wi * _transport_rows(cost, c) for wi, c in zip(w, counts))
         np.testing.assert_allclose(expected_plan(cost, counts, w), solved, atol=1e-9)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 6), k=st.integers(2, 4), seed=st.integers(0, 10**6))
+def test_no_target_confidence_exceeds_the_reachable_bound(n, k, seed):
+    """q[i, c] <= 1 - (1 - d_c)^N for every image and class (the exact expectation), and the
+    binary closed form attains the bound at rank 0."""
+    rng = np.random.default_rng(seed)
+    d = rng.dirichlet(np.ones(k))
+    q = expected_assignment(rng.dirichlet(np.ones(k), size=n), d, method="exact")
+    assert (q <= np.array([reachable_confidence(x, n) for x in d]) + 1e-9).all()
+    p1 = np.linspace(0.9, 0.1, n)
+    assert binary_q(p1, d[0])[0, 1] == pytest.approx(reachable_confidence(d[0], n))
+
+
+def test_a_class_no_image_can_reach_is_named_with_the_way_out():
+    """s4's first config: 25% striped at 4 images per prompt and C = 0.7 (reachable 0.684)."""
+    groups = TargetSpec.from_dict({"marginals": {"gender": {"male": 0.75, "female": 0.25}}}).compile(KNOWN)
+    (bad,) = unreachable_targets(groups, 4, lambda a: 0.7)
+    assert (bad.attribute, bad.cls, bad.bound) == ("gender", "female", pytest.approx(1 - 0.75 ** 4))
+    msg = bad.message()
+    assert "gender='female' (target share 0.25)" in msg and "= 0.684, below its confidence threshold 0.7" in msg
+    assert "to at most 0.68 or raise train.images_per_prompt to 5" in msg
+    assert unreachable_targets(groups, 4, lambda a: 0.6) == [] and unreachable_targets(groups, 5, lambda a: 0.7) == []

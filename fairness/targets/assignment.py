@@ -174,6 +174,57 @@ def binary_tolerance(n: int, d1: float, threshold: float) -> tuple[int, int]:
     return int((confident & (target == 1)).sum()), n - int((confident & (target == 0)).sum())
 
 
+def reachable_confidence(share: float, n: int) -> float:
+    """The highest confidence a target of a class with target share ``share`` can reach in a
+    batch of ``n`` images: an image is matched to the class only in draws holding at least one
+    target of it, so ``q[i, k] <= P(count_k >= 1) = 1 - (1 - share)^n`` for any cost (the binary
+    closed form attains it at rank 0). Where that falls below the threshold C, no image ever gets
+    a confident target of the class, and the alignment loss can push images *away* from it but
+    never toward it: its share ends below its target.
+    """
+    return 1.0 - (1.0 - share) ** n
+
+
+class UnreachableTargetWarning(UserWarning):
+    """A target class can never get a confident target at the batch size and threshold."""
+
+
+@dataclass(frozen=True)
+class UnreachableTarget:
+    attribute: str
+    cls: str
+    share: float
+    images: int
+    threshold: float
+
+    @property
+    def bound(self) -> float:
+        return reachable_confidence(self.share, self.images)
+
+    def message(self) -> str:
+        need = math.ceil(math.log1p(-self.threshold) / math.log1p(-self.share)) if self.threshold < 1 else None
+        more = f" or raise train.images_per_prompt to {need}" if need else ""
+        return (f"{self.attribute}={self.cls!r} (target share {self.share:.3g}) can never get a confident target at "
+                f"train.images_per_prompt={self.images}: the highest confidence OT can give it is "
+                f"1 - (1 - {self.share:.3g})^{self.images} = {self.bound:.3f}, below its confidence threshold "
+                f"{self.threshold:.3g}. The alignment loss would push images away from {self.cls!r} but never toward "
+                f"it, so its share would end below the target. Lower loss.confidence_threshold for "
+                f"{self.attribute} to at most {math.floor(self.bound * 100) / 100:.2f}{more}")
+
+
+def unreachable_targets(groups: list[TargetGroup], images: int, threshold) -> list[UnreachableTarget]:
+    """Every (attribute, class) with a positive target share that no image of an ``images``-image
+    batch can confidently target under ``threshold(attribute)`` (:func:`reachable_confidence`)."""
+    out = []
+    for g in groups:
+        for attr, classes in zip(g.attributes, g.classes):
+            c = threshold(attr)
+            for cls, share in zip(classes, g.marginal(attr)):
+                if share > 0 and reachable_confidence(float(share), images) < c:
+                    out.append(UnreachableTarget(attr, cls, float(share), images, c))
+    return out
+
+
 def check_enumerable(n: int, k: int, method: str, limit: int = ENUMERATION_LIMIT) -> None:
     """Refuse an enumeration of more than ``limit`` count vectors, naming the way out."""
     count = num_count_vectors(n, k)

@@ -7,6 +7,7 @@ originals), and what is the loss.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -16,6 +17,7 @@ from fairness.config import DebiasConfig
 from fairness.dft.engine import generate
 from fairness.seeding import derive_seed
 from fairness.models.loading import check_model_folder, load_perception, load_pipeline, resolve_device
+from fairness.targets.assignment import UnreachableTargetWarning, unreachable_targets
 from fairness.targets.distributions import TargetSpec
 from fairness.training.objective import Objective
 
@@ -31,6 +33,8 @@ class Debiaser:
         check_model_folder(cfg.model.path)
         self.bundle = load_perception(cfg.perception).to(self.device)
         self.groups = TargetSpec.from_dict(cfg.target).compile(self.bundle.attributes)
+        for bad in unreachable_targets(self.groups, cfg.train.images_per_prompt, cfg.loss.threshold):
+            warnings.warn(bad.message(), UnreachableTargetWarning, stacklevel=2)
         self.objective = Objective(self.bundle, self.groups, cfg.loss)
         self.pipe = load_pipeline(cfg.model.path, cfg.model.dtype, str(self.device))
         # The adapter's random init (LoRA A matrices) is keyed by the run seed, not by whatever
