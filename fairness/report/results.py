@@ -118,7 +118,8 @@ def seeds_table(runs: list[Path]) -> str:
              "|---|---|---|---|---|"]
     for set_name in sets:
         data = [m["sets"][set_name] for m in metrics]
-        laws, _ = _targeted(runs[0], data[0]["after"]["attributes"])
+        attributes = data[0]["after"]["attributes"]
+        laws, shares = _targeted(runs[0], attributes)
         biases, reversed_ = [], []
         for n in laws:
             b = _mean([d["before"]["summary"]["bias"][n]["mean"] for d in data])
@@ -129,6 +130,11 @@ def seeds_table(runs: list[Path]) -> str:
             biases.append(f"{n} {b:.3f} → {_mean(a):.3f}{each} [{floor:.2f}]")
             moved = [movements(d["before"]["prompts"], d["after"]["prompts"], {n: laws[n]})[n]["reversed"] for d in data]
             reversed_.append(f"{n} {_mean(moved):.0%}")
+        for attr, cls, target in shares:  # a non-uniform marginal: its minority class's share
+            before = _mean([_share(d["before"]["prompts"], attributes, attr, cls) for d in data])
+            after = [_share(d["after"]["prompts"], attributes, attr, cls) for d in data]
+            each = f" ({', '.join(f'{x:.1%}' for x in after)})" if len(after) > 1 else ""
+            biases.append(f"{attr}={cls} {before:.1%} → {_mean(after):.1%}{each} (target {target:.0%})")
         def semantics(when: str, key: str) -> str:  # the mean over seeds, "-" where a world has no such metric
             vals = [d[when]["summary"]["semantics"].get(key, {}).get("mean") for d in data]
             return "-" if None in vals else f"{_mean(vals):.3f}"
