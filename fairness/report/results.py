@@ -101,6 +101,12 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def _semantics(data: list[dict[str, Any]], when: str, key: str) -> str:
+    """The mean over seeds of one semantic metric, "-" where a world has no such metric."""
+    vals = [d[when]["summary"]["semantics"].get(key, {}).get("mean") for d in data]
+    return "-" if None in vals else f"{_mean(vals):.3f}"
+
+
 def seeds_table(runs: list[Path]) -> str:
     """Markdown: one row per prompt set, the mean over ``runs`` (one config, distinct seeds)."""
     metrics = [json.loads((r / "metrics.json").read_text()) for r in runs]
@@ -120,6 +126,7 @@ def seeds_table(runs: list[Path]) -> str:
         data = [m["sets"][set_name] for m in metrics]
         attributes = data[0]["after"]["attributes"]
         laws, shares = _targeted(runs[0], attributes)
+        moved = [movements(d["before"]["prompts"], d["after"]["prompts"], laws) for d in data]
         biases, reversed_ = [], []
         for n in laws:
             b = _mean([d["before"]["summary"]["bias"][n]["mean"] for d in data])
@@ -128,20 +135,15 @@ def seeds_table(runs: list[Path]) -> str:
                                     len(data[0]["after"]["prompts"][0]["freq"][n]))
             each = f" ({', '.join(f'{x:.3f}' for x in a)})" if len(a) > 1 else ""
             biases.append(f"{n} {b:.3f} → {_mean(a):.3f}{each} [{floor:.2f}]")
-            moved = [movements(d["before"]["prompts"], d["after"]["prompts"], {n: laws[n]})[n]["reversed"] for d in data]
-            reversed_.append(f"{n} {_mean(moved):.0%}")
+            reversed_.append(f"{n} {_mean([m[n]['reversed'] for m in moved]):.0%}")
         for attr, cls, target in shares:  # a non-uniform marginal: its minority class's share
             before = _mean([_share(d["before"]["prompts"], attributes, attr, cls) for d in data])
             after = [_share(d["after"]["prompts"], attributes, attr, cls) for d in data]
             each = f" ({', '.join(f'{x:.1%}' for x in after)})" if len(after) > 1 else ""
             biases.append(f"{attr}={cls} {before:.1%} → {_mean(after):.1%}{each} (target {target:.0%})")
-        def semantics(when: str, key: str) -> str:  # the mean over seeds, "-" where a world has no such metric
-            vals = [d[when]["summary"]["semantics"].get(key, {}).get("mean") for d in data]
-            return "-" if None in vals else f"{_mean(vals):.3f}"
-
         lines.append(f"| {set_name} ({len(data[0]['after']['prompts'])}) | {'; '.join(biases)} | "
-                     f"{semantics('before', 'accuracy_shape')} → {semantics('after', 'accuracy_shape')} | "
-                     f"{semantics('after', 'clip_i')} | {', '.join(reversed_)} |")
+                     f"{_semantics(data, 'before', 'accuracy_shape')} → {_semantics(data, 'after', 'accuracy_shape')} | "
+                     f"{_semantics(data, 'after', 'clip_i')} | {', '.join(reversed_)} |")
     return "\n".join(lines)
 
 

@@ -51,7 +51,7 @@ import functools
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Callable, Literal, Mapping
 
 import numpy as np
 import ot
@@ -212,7 +212,8 @@ class UnreachableTarget:
                 f"{self.attribute} to at most {math.floor(self.bound * 100) / 100:.2f}{more}")
 
 
-def unreachable_targets(groups: list[TargetGroup], images: int, threshold) -> list[UnreachableTarget]:
+def unreachable_targets(groups: list[TargetGroup], images: int,
+                        threshold: Callable[[str], float]) -> list[UnreachableTarget]:
     """Every (attribute, class) with a positive target share that no image of an ``images``-image
     batch can confidently target under ``threshold(attribute)`` (:func:`reachable_confidence`)."""
     out = []
