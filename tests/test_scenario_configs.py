@@ -43,3 +43,15 @@ def test_the_marginal_ablation_of_s4_targets_the_same_law():
     assert set(groups) == {"pattern", "tone*color"} and joint.attributes == ("tone", "color", "pattern")
     product = np.multiply.outer(groups["tone*color"].probs, groups["pattern"].probs)
     np.testing.assert_allclose(product, joint.probs)
+
+
+def test_the_overfit_diagnostic_uses_training_prompts_only():
+    """research/configs/overfit_four_prompts.yaml trains, validates and tests on the same four
+    prompts: all of them from the training split, so no held-out concept is ever trained on."""
+    from fairness.toyworld.world import prompts
+
+    cfg = load_config(Path(__file__).parent.parent / "research" / "configs" / "overfit_four_prompts.yaml")
+    train = set(prompts("train"))
+    sets = [set(resolve_prompts(ps)) for ps in cfg.prompts.train + cfg.prompts.val + cfg.prompts.test]
+    assert len(sets[0]) == 4 and all(s == sets[0] for s in sets) and sets[0] <= train
+    assert cfg.train.images_per_prompt == 16 and TargetSpec.from_dict(cfg.target).compile(ATTRIBUTES)
