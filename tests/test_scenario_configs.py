@@ -10,7 +10,7 @@ import pytest
 from fairness.config import load_config
 from fairness.targets.assignment import unreachable_targets
 from fairness.targets.distributions import TargetSpec
-from fairness.toyworld.world import ATTRIBUTES
+from fairness.toyworld.world import ATTRIBUTES, prompts
 from fairness.training.prompts import resolve_prompts
 
 CONFIGS = sorted((Path(__file__).parent.parent / "pipelines" / "configs" / "toyworld").glob("[ms]*.yaml"))
@@ -48,8 +48,6 @@ def test_the_marginal_ablation_of_s4_targets_the_same_law():
 def test_the_overfit_diagnostic_uses_training_prompts_only():
     """research/configs/overfit_four_prompts.yaml trains, validates and tests on the same four
     prompts: all of them from the training split, so no held-out concept is ever trained on."""
-    from fairness.toyworld.world import prompts
-
     cfg = load_config(Path(__file__).parent.parent / "research" / "configs" / "overfit_four_prompts.yaml")
     train = set(prompts("train"))
     sets = [set(resolve_prompts(ps)) for ps in cfg.prompts.train + cfg.prompts.val + cfg.prompts.test]
