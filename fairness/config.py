@@ -196,6 +196,10 @@ class TrainConfig(Strict):
     max_nonfinite_steps: int | None = Field(
         20, ge=1, description="stop with an error after this many consecutive iterations skipped for a "
         "non-finite loss or gradient (fp16 overflow skips count once the loss scale is below 1); None: never")
+    reference_images: int = Field(
+        0, ge=0, description="no-grad images of each prompt, drawn from the current model beside the ones "
+        "backpropagated; their classifier probabilities join the prompt's OT, so its targets follow the prompt's "
+        "current law rather than a few images' (fairness.training.objective.Reference). 0: the paper's estimator")
     val_images_per_prompt: int = Field(16, ge=1)
     val_prompts: int | None = Field(None, ge=1, description="cap on validation prompts per check")
     select_best: Literal["val_score", "last"] = Field(

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from fairness.config import SelectionConfig
+from fairness.seeding import image_noise
 from fairness.training.loop import Trainer
+from fairness.training.objective import Reference
 from tests.helpers import tiny_config
 
 
@@ -236,3 +239,30 @@ def test_an_image_that_lost_its_face_gets_the_lost_face_weight(tmp_path, weight)
     expected = (weight or paper.img.lambda1) / paper.img.lambda1
     torch.testing.assert_close(ratio[:2], torch.full((2,), expected))
     torch.testing.assert_close(ratio[2], torch.tensor(1.0))  # its original had no face either
+
+
+def test_reference_images_decide_the_targets_of_the_images_backpropagated(tmp_path):
+    """The reference draw joins the prompt's OT: against a 50/50 target, a reference of 60 images
+    that are surely male leaves every backpropagated image to be made female, where the four
+    images alone split between the two. It is the current model's no-grad images of noise
+    indices after the backpropagated ones, the same at every call."""
+    cfg = tiny_config(tmp_path, train__reference_images=3, train__iterations=1)
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    draws = trainer.iteration_plan(1)
+    first, again = trainer.references(draws), trainer.references(draws)
+    assert first[0].probs.shape == (3, 2) and first[0].found.shape == (3,)
+    np.testing.assert_array_equal(first[0].probs, again[0].probs)
+
+    obj, d = trainer.model.objective, draws[0]
+    noise = image_noise(d.noise_seed, d.prompt, range(4), trainer.model.latent_shape)
+    with torch.no_grad():
+        images = trainer.model.sample([d.prompt] * 4, noise, d.num_steps, "none")
+        originals = obj.describe_originals(images)
+    assert not np.isclose(obj.reference(images).probs[:3], first[0].probs).all()  # other noise, other images
+
+    alone = obj(images, originals, seed=0).targets["gender"]
+    male = np.tile([1.0, 0.0], (60, 1))  # the targeted attribute's probabilities: surely male
+    helped = obj(images, originals, seed=0, reference=Reference(male, np.ones(60, dtype=bool))).targets["gender"]
+    assert set(alone.targets) == {0, 1}
+    assert (helped.targets == 1).all() and (helped.confidence > 0.9).all()
+    assert trainer.train_step()["loss/total"] > 0

@@ -2,8 +2,8 @@
 
 Each iteration: draw ``train.prompts_per_step`` prompts and a step count (:mod:`~fairness.training.plan`),
 draw noise for their images, get the frozen model's originals from the same noise, generate
-the finetuned images *with* gradient in one batch (these same images decide each prompt's OT
-targets), average the prompts' losses, backpropagate, skip the update if any gradient is
+the finetuned images *with* gradient in one batch (these same images, and ``train.reference_images``
+more drawn without gradient, decide each prompt's OT targets), average the prompts' losses, backpropagate, skip the update if any gradient is
 non-finite, step AdamW and the learning-rate schedule, update the EMA. Every ``checkpoint_every`` iterations:
 checkpoint, validate on held-out prompts, keep the best.
 
@@ -46,7 +46,7 @@ from fairness.metrics.bias import target_gap
 from fairness.seeding import derive_seed, image_noise
 from fairness.training.debiaser import Debiaser
 from fairness.training.bank import OriginalsBank, bank_fingerprint
-from fairness.training.objective import Collective, OriginalsInfo, SingleProcess
+from fairness.training.objective import Collective, OriginalsInfo, Reference, SingleProcess
 from fairness.training.plan import PromptDraw, draw_keys, iteration_plan
 from fairness.training.prompts import PromptSampler, resolve_prompts
 from fairness.training.rundir import RunDir
@@ -266,6 +266,19 @@ class Trainer:
             out.update({k: info.rows(slice(j * n, (j + 1) * n)) for j, k in enumerate(missing)})
         return [out[k] for k in range(len(draws))]
 
+    @torch.no_grad()
+    def references(self, draws: list[PromptDraw]) -> list[Reference | None]:
+        """Each draw's ``train.reference_images`` no-grad images (noise indices after the
+        backpropagated ones, so never the same image), drawn whole on every worker so that all
+        of them solve the same OT."""
+        m, first = self.cfg.train.reference_images, self.cfg.train.images_per_prompt
+        if not m:
+            return [None] * len(draws)
+        idx = range(first, first + m)
+        noise = torch.cat([image_noise(d.noise_seed, d.prompt, idx, self.model.latent_shape) for d in draws])
+        images = self.model.sample([d.prompt for d in draws for _ in idx], noise, draws[0].num_steps, "none")
+        return [self.model.objective.reference(images[k * m:(k + 1) * m]) for k in range(len(draws))]
+
     def loss_for(self, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """The loss of iteration ``step`` on this worker's share of its images (with graph).
 
@@ -278,10 +291,12 @@ class Trainer:
         with step_seed(derive_seed(self.cfg.seed, "dft-steps", step)):  # the same on every worker
             images = self.model.sample([d.prompt for d in draws for _ in idx], noise, draws[0].num_steps,
                                        self.cfg.dft.mode)
+        references = self.references(draws)
         losses, logs = [], []
         for k, (d, orig) in enumerate(zip(draws, originals)):
             seed = derive_seed(self.cfg.seed, "ot", *draw_keys(step, k))
-            out = self.model.objective(images[k * n:(k + 1) * n], orig, seed=seed, collective=self.collective)
+            out = self.model.objective(images[k * n:(k + 1) * n], orig, seed=seed, collective=self.collective,
+                                       reference=references[k])
             losses.append(out.total)
             logs.append({"prompt": d.prompt, "set": d.set_name, "sampler_steps": d.num_steps, **out.logs})
         return torch.stack(losses).mean(), merge_logs(logs)

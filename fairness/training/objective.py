@@ -70,6 +70,22 @@ class OriginalsInfo:
 
 
 @dataclass
+class Reference:
+    """One prompt's extra images, drawn without gradient from the model being trained.
+
+    The OT targets of a prompt's images are solved over a sample of its current law. With the
+    few images a step can backpropagate (4 in the toy demo, over 8 joint classes) that sample is
+    mostly noise: a balanced prompt's images are still pushed, and a biased one's push depends on
+    which few images were drawn. A larger no-grad draw joins the OT, so the backpropagated images'
+    targets are their share of a transport plan over many images. It is cheap (one sampler pass,
+    no VJPs), and a deterministic function of (seed, step), so every worker draws the same.
+    """
+
+    probs: np.ndarray  # (M, sum of class counts): classifier probabilities, attributes concatenated
+    found: np.ndarray  # (M,) bool: a face/object was found
+
+
+@dataclass
 class LossOutput:
     total: torch.Tensor
     logs: dict[str, float] = field(default_factory=dict)
@@ -98,6 +114,15 @@ class Objective:
         crops = square_crop(images, regions, clf.input_size)
         return regions, crops, clf(crops)
 
+    def probabilities(self, logits: dict[str, torch.Tensor]) -> np.ndarray:
+        """Per-image class probabilities of every attribute, concatenated in ``self.attributes`` order."""
+        return np.concatenate([logits[a].detach().softmax(-1).double().cpu().numpy() for a in self.attributes], axis=1)
+
+    @torch.no_grad()
+    def reference(self, images: torch.Tensor) -> Reference:
+        regions, _, logits = self.classify(images)
+        return Reference(self.probabilities(logits), regions.found.cpu().numpy().astype(bool))
+
     @torch.no_grad()
     def describe_originals(self, images: torch.Tensor) -> OriginalsInfo:
         regions, _, logits = self.classify(images)
@@ -108,15 +133,20 @@ class Objective:
         )
 
     def __call__(self, images: torch.Tensor, originals: OriginalsInfo, seed: int,
-                 collective: Collective | None = None) -> LossOutput:
+                 collective: Collective | None = None, reference: Reference | None = None) -> LossOutput:
+        """The loss of one prompt's images; ``reference``: more of its images, which only join the OT."""
         collective = collective or SingleProcess()
         regions, crops, logits = self.classify(images)
         found = regions.found
-        local_probs = np.concatenate(
-            [logits[a].detach().softmax(-1).double().cpu().numpy() for a in self.attributes], axis=1)
-        all_probs = collective.all_gather(local_probs)
+        all_probs = collective.all_gather(self.probabilities(logits))
         all_found = collective.all_gather(found.cpu().numpy()[:, None].astype(np.float64))[:, 0] > 0.5
-        split, probs, offset = collective.local_slice(len(all_probs)), {}, 0
+        num_faces_global = int(all_found.sum())
+        n_global = len(all_found)
+        split = collective.local_slice(n_global)
+        if reference is not None:
+            all_probs = np.concatenate([all_probs, reference.probs])
+            all_found = np.concatenate([all_found, reference.found])
+        probs, offset = {}, 0
         for a in self.attributes:
             k = logits[a].shape[-1]
             probs[a] = all_probs[:, offset:offset + k]
@@ -125,8 +155,6 @@ class Objective:
                                         samples=self.cfg.ot_samples, mass=self.cfg.ot_mass,
                                         joint_cost=self.cfg.ot_joint_cost)
         targets = {a: AttributeTargets(t.targets[split], t.confidence[split], t.q[split]) for a, t in global_targets.items()}
-        num_faces_global = int(all_found.sum())
-        n_global = len(all_found)
         # Per-worker normaliser chosen so that averaging the workers' gradients gives exactly the
         # single-process gradient of the whole batch (equal shares of N per worker).
         num_faces = max(num_faces_global, 1) * images.shape[0] / max(n_global, 1)
