@@ -3,8 +3,8 @@
 Each iteration: draw ``train.prompts_per_step`` prompts and a step count (:mod:`~fairness.training.plan`),
 draw noise for their images, get the frozen model's originals from the same noise, generate
 the finetuned images *with* gradient in one batch (these same images, and ``train.reference_images``
-more drawn without gradient, decide each prompt's OT targets), average the prompts' losses, backpropagate, skip the update if any gradient is
-non-finite, step AdamW and the learning-rate schedule, update the EMA. Every ``checkpoint_every`` iterations:
+more drawn without gradient, decide each prompt's OT targets), average the prompts' losses,
+backpropagate, skip the update if any gradient is non-finite, step AdamW and the learning-rate schedule, update the EMA. Every ``checkpoint_every`` iterations:
 checkpoint, validate on held-out prompts, keep the best.
 
 All randomness of iteration ``s`` is derived from (seed, s), so a resumed run reproduces the
